@@ -1,0 +1,26 @@
+# `make test` builds .venv on first use (fairseq compiles for about 5 minutes), then runs the suite.
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build on machines that have it; set TORCH= to keep a torch you installed (e.g. CUDA).
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test clean
+
+install: $(STAMP)
+
+$(STAMP): requirements/build.txt requirements/fairseq.txt requirements/runtime.txt setup.py
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH) -r requirements/build.txt
+	# Against the torch just installed (no build isolation); CUDA_HOME unset, as the sdist lacks the CUDA sources.
+	env -u CUDA_HOME $(BIN)/pip install -q --no-deps --no-build-isolation --require-hashes -r requirements/fairseq.txt
+	$(BIN)/pip install -q -r requirements/runtime.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

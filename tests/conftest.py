@@ -1,0 +1,107 @@
+"""Shared fixtures: a tiny real corpus, binarized with fairseq, and a teacher trained through the CLI."""
+
+import lzma
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+USER_DIR = str(REPO / "tiekd_fairseq")
+CORPUS = REPO / "examples" / "demo" / "data"
+BIN = Path(sys.executable).parent
+
+# 1+1 layers, small widths: enough to learn something from 3k pairs in seconds on a CPU.
+TEACHER_ARCH = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "64", "--decoder-embed-dim", "64",
+    "--encoder-ffn-embed-dim", "128", "--decoder-ffn-embed-dim", "128",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+STUDENT_ARCH = [
+    "--arch", "transformer", "--share-all-embeddings",
+    "--encoder-layers", "1", "--decoder-layers", "1",
+    "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+    "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64",
+    "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+]
+COMMON = ["--cpu", "--seed", "1", "--no-progress-bar", "--log-interval", "5", "--num-workers", "0"]
+
+
+def run(cmd, check=True, **kwargs):
+    """Run a command; on an unexpected exit code fail with its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kwargs)
+    if check and proc.returncode != 0:
+        pytest.fail(f"{cmd[0]} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def fairseq(tool, *args, **kwargs):
+    return run([BIN / tool, *args], **kwargs)
+
+
+def _pairs(split, count, max_words=25):
+    """The first `count` pairs of a split with at most `max_words` words a side."""
+    sides = [lzma.open(CORPUS / f"lohelp.{split}.{lang}.xz", "rt", encoding="utf-8").read().splitlines()
+             for lang in ("en", "de")]
+    pairs = [(en, de) for en, de in zip(*sides) if len(en.split()) <= max_words and len(de.split()) <= max_words]
+    return pairs[:count]
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """LibreOffice help pairs (3000 train / 200 valid / 100 test), a joint 1k sentencepiece model, a data-bin."""
+    import sentencepiece as spm
+
+    root = tmp_path_factory.mktemp("corpus")
+    raw = {"train": _pairs("train", 3000), "valid": _pairs("valid", 200), "test": _pairs("test", 100)}
+    for split, pairs in raw.items():
+        for i, lang in enumerate(("en", "de")):
+            (root / f"raw.{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=f"{root}/raw.train.en,{root}/raw.train.de", model_prefix=str(root / "spm"),
+        vocab_size=1000, character_coverage=1.0, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(root / "spm.model"))
+    for split in raw:
+        for lang in ("en", "de"):
+            lines = (root / f"raw.{split}.{lang}").read_text(encoding="utf-8").splitlines()
+            (root / f"sp.{split}.{lang}").write_text("".join(" ".join(sp.encode(l, out_type=str)) + "\n" for l in lines))
+    data_bin = root / "bin"
+    fairseq(
+        "fairseq-preprocess", "--source-lang", "en", "--target-lang", "de",
+        "--trainpref", root / "sp.train", "--validpref", root / "sp.valid", "--testpref", root / "sp.test",
+        "--destdir", data_bin, "--joined-dictionary", "--workers", "1",
+    )
+    return SimpleNamespace(root=root, data_bin=data_bin, raw=raw)
+
+
+@pytest.fixture(scope="session")
+def teacher(corpus, tmp_path_factory):
+    """A teacher trained with label_smoothed_cross_entropy and --eval-bleu (its checkpoint holds numpy metrics)."""
+    save_dir = tmp_path_factory.mktemp("teacher")
+    fairseq(
+        "fairseq-train", corpus.data_bin, *TEACHER_ARCH, *COMMON,
+        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
+        "--optimizer", "adam", "--lr", "5e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
+        "--dropout", "0.1", "--max-tokens", "4096", "--max-epoch", "6", "--validate-interval", "3",
+        "--eval-bleu", "--eval-bleu-args", '{"beam": 1, "max_len_b": 30}', "--eval-bleu-remove-bpe", "sentencepiece",
+        "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric", "--no-epoch-checkpoints",
+        "--save-dir", save_dir,
+    )
+    return save_dir / "checkpoint_best.pt"
+
+
+def kd_train_args(data_bin, teacher_path, save_dir, *extra):
+    """fairseq-train arguments for a tiny tie_kd student."""
+    return [
+        data_bin, "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher-path", teacher_path,
+        "--criterion", "tie_kd", "--label-smoothing", "0.1", *STUDENT_ARCH, *COMMON,
+        "--optimizer", "adam", "--lr", "5e-3", "--max-tokens", "2048", "--save-dir", save_dir,
+        "--no-epoch-checkpoints", *extra,
+    ]

@@ -1,0 +1,164 @@
+"""tie_kd on tiny real fairseq models, in process: the loss formula, the passes, and what must not change."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import options, tasks
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    label_smoothed_nll_loss,
+)
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+from conftest import STUDENT_ARCH, USER_DIR
+from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence
+
+
+def build(data_bin, teacher_path, *extra):
+    """task, student and criterion exactly as fairseq-train builds them from these flags."""
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [
+        str(data_bin), "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher-path", str(teacher_path),
+        *STUDENT_ARCH, "--dropout", "0", "--cpu", "--max-tokens", "4096", "--label-smoothing", "0.1",
+        "--criterion", "tie_kd", *extra,
+    ])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    torch.manual_seed(3)
+    model = task.build_model(cfg.model)
+    return task, model, task.build_criterion(cfg.criterion)
+
+
+def valid_sample(task, size=12):
+    task.load_dataset("valid")
+    dataset = task.dataset("valid")
+    return dataset.collater([dataset[i] for i in range(size)])
+
+
+@pytest.fixture(scope="module")
+def setup(corpus, teacher):
+    task, model, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "3", "--kd-alpha", "0.5")
+    return task, model, criterion, valid_sample(task)
+
+
+def test_alpha_zero_equals_label_smoothed_cross_entropy(corpus, teacher, setup):
+    task, model, _, sample = setup
+    _, _, kd_zero = build(corpus.data_bin, teacher, "--kd-alpha", "0")
+    reference = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    model.train()
+    got, got_size, _ = kd_zero(model, sample)
+    want, want_size, _ = reference(model, sample)
+    assert torch.equal(got, want) and got_size == want_size
+
+
+def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(setup):
+    task, model, criterion, sample = setup
+    teacher = task.teacher.model
+    model.train()
+    calls = {"student_dec": [], "student_out": [], "student_enc": 0, "teacher_dec": [], "teacher_enc": 0}
+    hooks = [
+        model.decoder.register_forward_pre_hook(lambda m, a: calls["student_dec"].append(a[0].clone())),
+        model.decoder.register_forward_hook(lambda m, a, out: calls["student_out"].append(out[0].detach())),
+        teacher.decoder.register_forward_pre_hook(lambda m, a: calls["teacher_dec"].append(a[0].clone())),
+        model.encoder.register_forward_hook(lambda *a: calls.__setitem__("student_enc", calls["student_enc"] + 1)),
+        teacher.encoder.register_forward_hook(lambda *a: calls.__setitem__("teacher_enc", calls["teacher_enc"] + 1)),
+    ]
+    try:
+        loss, sample_size, log = criterion(model, sample)
+    finally:
+        for h in hooks:
+            h.remove()
+    gold = sample["net_input"]["prev_output_tokens"]
+    pad = task.tgt_dict.pad()
+    assert calls["student_enc"] == 1 and calls["teacher_enc"] == 1
+    assert len(calls["student_dec"]) == 3 and len(calls["teacher_dec"]) == 3
+    assert torch.equal(calls["student_dec"][0], gold)
+    for n in (1, 2):
+        argmax = calls["student_out"][n - 1].argmax(-1)
+        expected = torch.cat([gold[:, :1], argmax[:, :-1]], 1).masked_fill(gold.eq(pad), pad)
+        assert torch.equal(calls["student_dec"][n], expected)
+        assert torch.equal(calls["teacher_dec"][n], expected)
+        assert not torch.equal(expected, gold)
+
+    # Rebuild the loss from the recorded passes with the pure functions.
+    target = sample["target"]
+    mask = target.ne(pad)
+    enc = teacher.encoder(sample["net_input"]["src_tokens"], src_lengths=sample["net_input"]["src_lengths"])
+    kd = 0.0
+    for prefix, student_logits in zip(calls["student_dec"], calls["student_out"]):
+        t_logits = teacher.decoder(prefix, encoder_out=enc)[0]
+        s_lp, t_lp = F.log_softmax(student_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
+        per_pos = kl_divergence(s_lp, t_lp) + 1.0 * hierarchical_ranking_loss(s_lp.exp(), t_lp.exp(), 5)
+        kd = kd + per_pos[mask].sum()
+    lp0 = F.log_softmax(calls["student_out"][0].float(), -1)
+    ce, _ = label_smoothed_nll_loss(lp0.view(-1, lp0.size(-1)), target.view(-1), 0.1, ignore_index=pad)
+    expected = 0.5 * ce + 0.5 * kd / 3
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert sample_size == sample["ntokens"] and log["kd_tokens"] == mask.sum()
+    assert log["kd"] > 0 and log["rank"] > 0
+
+
+def test_sample_unchanged_and_teacher_frozen_through_a_training_step(setup):
+    task, model, criterion, sample = setup
+    teacher = task.teacher.model
+    before_sample = copy.deepcopy(sample)
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    before_student = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    teacher.train()  # what a trainer might do; the teacher must stay in eval mode
+    loss, _, _ = criterion(model, sample)
+    loss.backward()
+    optimizer.step()
+    for key, value in before_sample["net_input"].items():
+        assert torch.equal(value, sample["net_input"][key])
+    assert torch.equal(before_sample["target"], sample["target"])
+    assert not teacher.training and not any(m.training for m in teacher.modules())
+    for name, param in teacher.named_parameters():
+        assert not param.requires_grad and param.grad is None, name
+        assert torch.equal(param, before_teacher[name]), name
+    assert any(not torch.equal(v, before_student[k]) for k, v in model.state_dict().items())
+    # Not reachable from the student or the criterion: not in the optimizer, DDP or a checkpoint.
+    teacher_params = {id(p) for p in teacher.parameters()}
+    assert not teacher_params & {id(p) for p in model.parameters()}
+    assert not teacher_params & {id(p) for p in criterion.parameters()}
+    assert not any("teacher" in k for k in criterion.state_dict())
+
+
+def test_validation_is_plain_label_smoothed_ce(setup):
+    task, model, criterion, sample = setup
+    reference = LabelSmoothedCrossEntropyCriterion(task, sentence_avg=False, label_smoothing=0.1)
+    model.eval()
+    with torch.no_grad():
+        got, _, log = criterion(model, sample)
+        want, _, _ = reference(model, sample)
+    assert torch.equal(got, want) and "kd" not in log
+
+
+def test_temperature_softens_the_kl_only_and_scales_it_by_tau_squared(corpus, teacher):
+    _, _, criterion = build(corpus.data_bin, teacher, "--kd-temperature", "2")
+    s, t_ = torch.randn(2, 3, 40), torch.randn(2, 3, 40)
+    s_lp = F.log_softmax(s, -1)
+    kl, rank = criterion.kd_terms(s, s_lp, t_)
+    assert torch.allclose(kl, 4 * kl_divergence(F.log_softmax(s / 2, -1), F.log_softmax(t_ / 2, -1)))
+    assert torch.allclose(rank, hierarchical_ranking_loss(s_lp.exp(), F.softmax(t_, -1), 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_teacher_follows_the_student_precision(setup, dtype):
+    task, _, _, _ = setup
+    teacher = copy.deepcopy(task.teacher)
+    teacher.follow(torch.zeros(1, dtype=dtype))
+    assert {p.dtype for p in teacher.model.parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--kd-alpha", "1.5", "--kd-alpha must be in [0, 1]"),
+    ("--kd-iterations", "0", "--kd-iterations must be >= 1"),
+    ("--kd-topk", "0", "--kd-topk must be >= 1"),
+])
+def test_bad_criterion_flags_are_one_clear_line(corpus, teacher, flag, value, message):
+    with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
+        build(corpus.data_bin, teacher, flag, value)

@@ -1,0 +1,109 @@
+"""The pure loss functions, against hand-computed values and a literal transcription of the paper's sums."""
+
+import math
+
+import pytest
+import torch
+
+from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence
+
+
+def literal_ranking(p, q, k):
+    """R_top1 + R_topk for one position, written as the paper's double sum with Python loops."""
+    a = sorted(range(len(q)), key=lambda v: -q[v])[:k]
+    b = sorted(range(len(p)), key=lambda v: -p[v])[:k]
+    r_topk = sum(max(0.0, p[bj] - p[ai]) for ai in a for bj in b if q[ai] > q[bj])
+    r_top1 = sum(max(0.0, p[ai] - p[a[0]]) for ai in a[1:])
+    return r_top1 + r_topk
+
+
+def t(values, dtype=torch.float64):
+    return torch.tensor(values, dtype=dtype)
+
+
+def test_kl_hand_computed():
+    p, q = t([0.5, 0.5]), t([0.9, 0.1])
+    expected = 0.9 * math.log(0.9 / 0.5) + 0.1 * math.log(0.1 / 0.5)
+    assert kl_divergence(p.log(), q.log()).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_kl_is_zero_for_equal_distributions_and_finite_where_teacher_has_zeros():
+    lp = torch.log_softmax(torch.randn(3, 4, 11, dtype=torch.float64), -1)
+    assert torch.allclose(kl_divergence(lp, lp), torch.zeros(3, 4, dtype=torch.float64))
+    q = t([0.0, 0.25, 0.75])
+    p = t([0.2, 0.3, 0.5])
+    value = kl_divergence(p.log(), q.log())
+    assert value.item() == pytest.approx(0.25 * math.log(0.25 / 0.3) + 0.75 * math.log(0.75 / 0.5))
+
+
+def test_ranking_k1_is_the_gap_to_the_student_top1():
+    p, q = t([0.6, 0.3, 0.1]), t([0.2, 0.7, 0.1])
+    assert hierarchical_ranking_loss(p, q, 1).item() == pytest.approx(0.6 - 0.3)
+    assert hierarchical_ranking_loss(q, q, 1).item() == 0
+
+
+def test_ranking_hand_computed_k2():
+    # a = [1, 2], b = [0, 1]; R_topk = (0.5-0.3) + (0.5-0.15) = 0.55; R_top1 = max(0, 0.15-0.3) = 0.
+    p, q = t([0.5, 0.3, 0.15, 0.05]), t([0.1, 0.6, 0.25, 0.05])
+    assert hierarchical_ranking_loss(p, q, 2).item() == pytest.approx(0.55)
+
+
+def test_ranking_near_tie_in_teacher_is_ordered_strictly():
+    # q(0) beats q(1) by 2e-12: token 0 is the top-1, and the student has them the other way round.
+    q = t([0.4 + 1e-12, 0.4 - 1e-12, 0.2])
+    p = t([0.3, 0.5, 0.2])
+    # R_topk: a_1=0 vs b_1=1 gives 0.2 (b_j = a_i pairs count 0); R_top1: 0.5 - 0.3.
+    assert hierarchical_ranking_loss(p, q, 2).item() == pytest.approx(0.4)
+
+
+def test_ranking_is_zero_when_the_student_orders_like_the_teacher():
+    q = torch.softmax(torch.randn(4, 6, 50, dtype=torch.float64) * 3, -1)
+    # Same order on every token, different values.
+    p = torch.softmax(torch.log(q) * 0.5, -1)
+    assert torch.count_nonzero(hierarchical_ranking_loss(p, q, 5)) == 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 9])
+def test_ranking_equals_the_literal_double_sum(k):
+    gen = torch.Generator().manual_seed(k)
+    p = torch.softmax(torch.randn(6, 9, dtype=torch.float64, generator=gen) * 2, -1)
+    q = torch.softmax(torch.randn(6, 9, dtype=torch.float64, generator=gen) * 2, -1)
+    got = hierarchical_ranking_loss(p, q, k)
+    expected = [literal_ranking(p[i].tolist(), q[i].tolist(), k) for i in range(6)]
+    assert got.tolist() == pytest.approx(expected, abs=1e-12)
+    assert any(e > 0 for e in expected)
+
+
+def test_ranking_rejects_k_outside_the_vocabulary():
+    with pytest.raises(ValueError, match="k must be in 1..3"):
+        hierarchical_ranking_loss(t([0.2, 0.3, 0.5]), t([0.2, 0.3, 0.5]), 4)
+
+
+def test_gradcheck_float64():
+    gen = torch.Generator().manual_seed(0)
+    s = torch.randn(2, 3, 7, dtype=torch.float64, generator=gen, requires_grad=True)
+    teacher = torch.log_softmax(torch.randn(2, 3, 7, dtype=torch.float64, generator=gen), -1)
+    assert torch.autograd.gradcheck(lambda x: kl_divergence(torch.log_softmax(x, -1), teacher), (s,))
+    assert torch.autograd.gradcheck(
+        lambda x: hierarchical_ranking_loss(torch.softmax(x, -1), teacher.exp(), 3), (s,)
+    )
+
+
+def test_no_gradient_reaches_the_teacher():
+    s = torch.randn(4, 10, requires_grad=True)
+    teacher_logits = torch.randn(4, 10, requires_grad=True)
+    loss = kl_divergence(torch.log_softmax(s, -1), torch.log_softmax(teacher_logits, -1)).sum()
+    loss = loss + hierarchical_ranking_loss(torch.softmax(s, -1), torch.softmax(teacher_logits, -1), 3).sum()
+    loss.backward()
+    assert teacher_logits.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_inputs_give_finite_fp32_outputs_shaped_like_the_positions(dtype):
+    s = torch.randn(2, 5, 300).mul(8).to(dtype)
+    q = torch.randn(2, 5, 300).mul(8).to(dtype)
+    kl = kl_divergence(torch.log_softmax(s.float(), -1).to(dtype), torch.log_softmax(q.float(), -1).to(dtype))
+    rank = hierarchical_ranking_loss(torch.softmax(s.float(), -1).to(dtype), torch.softmax(q.float(), -1).to(dtype), 5)
+    for value in (kl, rank):
+        assert value.dtype == torch.float32 and value.shape == (2, 5)
+        assert torch.isfinite(value).all()

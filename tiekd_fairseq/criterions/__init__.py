@@ -1,0 +1,1 @@
+from . import tie_kd  # noqa: F401

@@ -1,0 +1,122 @@
+"""The frozen teacher: loaded from its own checkpoint, checked against the task, never trained.
+
+``Teacher`` is deliberately not an ``nn.Module``: held by the task, it cannot
+become a submodule of the student or the criterion, so it never reaches the
+optimizer, DDP or a saved student checkpoint.
+"""
+
+import logging
+import os
+import re
+
+import torch
+from fairseq import checkpoint_utils, models
+from fairseq.data import Dictionary
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.models import FairseqEncoderDecoderModel
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherError(Exception):
+    """A teacher that cannot be used; the message is one line naming the file or symbol."""
+
+
+class Teacher:
+    """A translation model in eval mode with no gradients, that follows the student's device and dtype."""
+
+    def __init__(self, model: FairseqEncoderDecoderModel):
+        model.requires_grad_(False)
+        model.eval()
+        # Dropout must stay off even if something calls .train() on it.
+        model.train = lambda mode=True: torch.nn.Module.train(model, False)
+        self.model = model
+
+    def follow(self, student_param: torch.Tensor) -> None:
+        """Move to the student's device and precision (fp16/bf16 under --fp16/--bf16), once."""
+        ref = next(self.model.parameters())
+        if ref.device != student_param.device or ref.dtype != student_param.dtype:
+            self.model.to(device=student_param.device, dtype=student_param.dtype)
+
+    @torch.no_grad()
+    def encode(self, src_tokens, src_lengths):
+        return self.model.encoder(src_tokens, src_lengths=src_lengths)
+
+    @torch.no_grad()
+    def decode(self, prev_output_tokens, encoder_out, src_lengths):
+        """Output logits (B, T, V) for one decoder pass on the given prefix."""
+        return self.model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths)[0]
+
+
+def load_teacher(path, task, teacher_data=None) -> Teacher:
+    """Build the teacher from the config saved in its checkpoint, after checking its dictionaries.
+
+    The dictionaries are read from ``teacher_data`` or else the data directory
+    the teacher was trained on (checkpoints do not store them), and must equal
+    the task's symbol by symbol.
+    """
+    state = _read_checkpoint(path)
+    cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") else state.get("cfg")
+    if cfg is None or cfg.get("model") is None:
+        raise TeacherError(f"teacher checkpoint {path} has no model config (args/cfg): not a fairseq checkpoint")
+    data_dir = teacher_data or str(getattr(cfg.task, "data", None) or "").split(os.pathsep)[0]
+    for side, lang, expected in (
+        ("source", task.cfg.source_lang, task.src_dict),
+        ("target", task.cfg.target_lang, task.tgt_dict),
+    ):
+        dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
+        if not os.path.isfile(dict_path):
+            raise TeacherError(
+                f"teacher {side} dictionary {dict_path} not found (checkpoints do not store "
+                f"dictionaries): pass --teacher-data DIR holding the teacher's dict.{lang}.txt"
+            )
+        diff = dictionary_difference(expected, Dictionary.load(dict_path))
+        if diff:
+            raise TeacherError(f"teacher {side} dictionary {dict_path} differs from the task's: {diff}")
+    try:
+        model = models.build_model(cfg.model, task, from_checkpoint=True)
+    except Exception as err:
+        raise TeacherError(f"cannot build teacher model from {path}: {_one_line(err)}") from err
+    if not isinstance(model, FairseqEncoderDecoderModel):
+        raise TeacherError(
+            f"teacher {path} is a {type(model).__name__}, not an encoder-decoder translation model"
+        )
+    try:
+        model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
+    except Exception as err:
+        raise TeacherError(f"teacher weights in {path} do not fit its config: {_one_line(err)}") from err
+    logger.info(
+        "teacher %s: %s, %s parameters, frozen",
+        path, getattr(cfg.model, "arch", type(model).__name__), f"{sum(p.numel() for p in model.parameters()):,}",
+    )
+    return Teacher(model)
+
+
+def dictionary_difference(expected: Dictionary, found: Dictionary) -> str:
+    """'' when both dictionaries hold the same symbols at the same indices, else the first difference."""
+    for index, (want, got) in enumerate(zip(expected.symbols, found.symbols)):
+        if want != got:
+            return f"first difference at index {index}: teacher has {got!r}, task has {want!r}"
+    if len(expected) != len(found):
+        return f"teacher has {len(found)} symbols, task has {len(expected)}"
+    return ""
+
+
+def _read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise TeacherError(f"teacher checkpoint {path} does not exist")
+    try:
+        return checkpoint_utils.load_checkpoint_to_cpu(path, load_on_all_ranks=True)
+    except Exception as err:
+        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
+        if refused:
+            raise TeacherError(
+                f"teacher checkpoint {path} refused: it asks to load {refused.group(1)}, "
+                "which is not a fairseq checkpoint global (a checkpoint may not run code)"
+            ) from err
+        raise TeacherError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
