@@ -10,4 +10,11 @@ setup(
     packages=find_packages(include=["tiekd_fairseq", "tiekd_fairseq.*"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "sacrebleu>=2.0", "sentencepiece"],
+    entry_points={
+        "console_scripts": [
+            "tiekd-eval=tiekd_fairseq.evaluation:main",
+            "tiekd-analyze=tiekd_fairseq.analysis:main",
+            "tiekd-seqkd=tiekd_fairseq.seqkd:main",
+        ]
+    },
 )

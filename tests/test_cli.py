@@ -152,7 +152,7 @@ def test_two_process_gloo_ddp_ends_with_identical_parameters(corpus, teacher, tm
          "--master_port", _free_port(), REPO / "tests" / "train_and_dump.py", dump, *train])
     ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["data_parallel"] == ranks[1]["data_parallel"] == 2
-    wrapper = {"pytorch_ddp": "ModuleProxyWrapper", "legacy_ddp": "LegacyDistributedDataParallel"}[backend]
+    wrapper = {"pytorch_ddp": "DistributedDataParallel", "legacy_ddp": "LegacyDistributedDataParallel"}[backend]
     assert ranks[0]["wrapper"] == wrapper
     assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 6
     assert ranks[0]["params"].keys() == ranks[1]["params"].keys()

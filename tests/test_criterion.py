@@ -141,7 +141,7 @@ def test_temperature_softens_the_kl_only_and_scales_it_by_tau_squared(corpus, te
     _, _, criterion = build(corpus.data_bin, teacher, "--kd-temperature", "2")
     s, t_ = torch.randn(2, 3, 40), torch.randn(2, 3, 40)
     s_lp = F.log_softmax(s, -1)
-    kl, rank = criterion.kd_terms(s, s_lp, t_)
+    kl, rank = criterion.kd_terms(s, s_lp, t_, torch.zeros(2, 3, dtype=torch.long))
     assert torch.allclose(kl, 4 * kl_divergence(F.log_softmax(s / 2, -1), F.log_softmax(t_ / 2, -1)))
     assert torch.allclose(rank, hierarchical_ranking_loss(s_lp.exp(), F.softmax(t_, -1), 5))
 
@@ -162,3 +162,36 @@ def test_teacher_follows_the_student_precision(setup, dtype):
 def test_bad_criterion_flags_are_one_clear_line(corpus, teacher, flag, value, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
         build(corpus.data_bin, teacher, flag, value)
+
+
+def test_word_kd_equals_tie_kd_with_one_pass_and_no_ranking(corpus, teacher, setup):
+    task, model, _, sample = setup
+    _, _, tie = build(corpus.data_bin, teacher, "--kd-iterations", "1", "--rank-weight", "0")
+    _, _, word = build(corpus.data_bin, teacher, "--criterion", "word_kd")
+    model.train()
+    got, _, log = word(model, sample)
+    want, _, _ = tie(model, sample)
+    assert torch.equal(got, want) and "rank" not in log and log["kd"] > 0
+
+
+@pytest.mark.parametrize("kd_target", ["top1", "no-top1", "topk"])
+def test_word_kd_targets_use_partial_kd(corpus, teacher, setup, kd_target):
+    from tiekd_fairseq.losses import partial_kd
+
+    task, model, _, sample = setup
+    _, _, word = build(corpus.data_bin, teacher, "--criterion", "word_kd", "--kd-target", kd_target, "--kd-topk", "3")
+    model.train()
+    loss, _, log = word(model, sample)
+    net_output = model(**sample["net_input"])
+    s_lp = F.log_softmax(net_output[0].float(), -1)
+    teacher_model = task.teacher.model
+    t_logits = teacher_model(**sample["net_input"])[0]
+    target = sample["target"]
+    mask = target.ne(task.tgt_dict.pad())
+    kd = partial_kd(s_lp, F.log_softmax(t_logits.float(), -1), target, kd_target, 3)[mask].sum()
+    assert log["kd"].item() == pytest.approx(kd.item(), rel=1e-5)
+
+
+def test_word_kd_refuses_temperature_outside_full(corpus, teacher):
+    with pytest.raises(SystemExit, match="word_kd: error: --kd-temperature applies to --kd-target full only"):
+        build(corpus.data_bin, teacher, "--criterion", "word_kd", "--kd-target", "top1", "--kd-temperature", "2")

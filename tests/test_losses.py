@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence
+from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, partial_kd
 
 
 def literal_ranking(p, q, k):
@@ -107,3 +107,45 @@ def test_half_inputs_give_finite_fp32_outputs_shaped_like_the_positions(dtype):
     for value in (kl, rank):
         assert value.dtype == torch.float32 and value.shape == (2, 5)
         assert torch.isfinite(value).all()
+
+
+# The knowledge-removal targets, on a hand-made teacher q = [0.6, 0.3, 0.1] (a_1 = 0).
+Q = [0.6, 0.3, 0.1]
+P = [0.2, 0.5, 0.3]
+
+
+def test_partial_kd_full_is_the_kl():
+    p, q = t(P), t(Q)
+    assert partial_kd(p.log(), q.log(), torch.tensor(1), "full").item() == pytest.approx(
+        kl_divergence(p.log(), q.log()).item()
+    )
+
+
+def test_partial_kd_top1_is_the_weighted_hard_label():
+    assert partial_kd(t(P).log(), t(Q).log(), torch.tensor(1), "top1").item() == pytest.approx(-0.6 * math.log(0.2))
+
+
+def test_partial_kd_topk_is_unnormalised():
+    expected = -(0.6 * math.log(0.2) + 0.3 * math.log(0.5))
+    assert partial_kd(t(P).log(), t(Q).log(), torch.tensor(2), "topk", k=2).item() == pytest.approx(expected)
+
+
+def test_partial_kd_no_top1_moves_the_top1_mass_to_gold():
+    # y = 2 != a_1: q~ = [0, 0.3, 0.7].
+    expected = 0.3 * math.log(0.3 / 0.5) + 0.7 * math.log(0.7 / 0.3)
+    assert partial_kd(t(P).log(), t(Q).log(), torch.tensor(2), "no-top1").item() == pytest.approx(expected)
+    # y = a_1: q~ = q, the plain KL.
+    assert partial_kd(t(P).log(), t(Q).log(), torch.tensor(0), "no-top1").item() == pytest.approx(
+        kl_divergence(t(P).log(), t(Q).log()).item()
+    )
+
+
+def test_partial_kd_batched_matches_per_position():
+    s = torch.log_softmax(torch.randn(3, 4, 9, dtype=torch.float64), -1)
+    q = torch.log_softmax(torch.randn(3, 4, 9, dtype=torch.float64), -1)
+    y = torch.randint(0, 9, (3, 4))
+    for mode in ("full", "top1", "no-top1", "topk"):
+        batched = partial_kd(s, q, y, mode, k=3)
+        single = torch.stack([partial_kd(s[i, j], q[i, j], y[i, j], mode, k=3)
+                              for i in range(3) for j in range(4)]).view(3, 4)
+        assert torch.allclose(batched, single), mode

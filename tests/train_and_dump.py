@@ -28,7 +28,7 @@ trainer = trainers[0]
 torch.save(
     {
         "data_parallel": trainer.seen_world_size,
-        "wrapper": type(trainer.model).__name__,
+        "wrapper": type(trainer.model.module).__name__,
         "num_updates": trainer.get_num_updates(),
         "initial": trainer.initial_params,
         "params": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},

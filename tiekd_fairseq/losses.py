@@ -61,3 +61,34 @@ def _ranking_from_topk(p_a, p_b, q_a, q_b):
     r_topk = (outranks * (p_b.unsqueeze(-2) - p_a.unsqueeze(-1)).clamp(min=0)).sum(dim=(-2, -1))
     r_top1 = (p_a[..., 1:] - p_a[..., :1]).clamp(min=0).sum(dim=-1)
     return r_top1 + r_topk
+
+
+KD_TARGETS = ("full", "top1", "no-top1", "topk")
+
+
+def partial_kd(
+    student_lprobs: torch.Tensor, teacher_lprobs: torch.Tensor, target: torch.Tensor, kd_target: str, k: int = 5
+) -> torch.Tensor:
+    """Word-level KD on part of the teacher's knowledge (the paper's knowledge-removal study).
+
+    q is the teacher, a_1 its argmax, y the gold token (``target``, leading shape):
+    - full: KL(q || p), the whole distribution;
+    - top1: -q(a_1) log p(a_1), only the top-1 as a hard label weighted by its probability;
+    - no-top1: KL(q~ || p) with the top-1 mass moved onto the gold token,
+      q~(a_1) = 0 and q~(y) = q(y) + q(a_1) (q~ = q where a_1 = y);
+    - topk: -sum_{i<=k} q(a_i) log p(a_i), unnormalised.
+    """
+    dtype = _compute_dtype(student_lprobs)
+    log_p = student_lprobs.to(dtype)
+    log_q = teacher_lprobs.detach().to(dtype)
+    if kd_target == "full":
+        return kl_divergence(log_p, log_q)
+    if kd_target in ("top1", "topk"):
+        top_log_q, a = log_q.topk(1 if kd_target == "top1" else k, dim=-1)
+        return -(top_log_q.exp() * log_p.gather(-1, a)).sum(dim=-1)
+    if kd_target == "no-top1":
+        q = log_q.exp()
+        top1_mass, a1 = q.max(dim=-1, keepdim=True)
+        moved = q.scatter(-1, a1, 0.0).scatter_add(-1, target.unsqueeze(-1), top1_mass)
+        return kl_divergence(log_p, moved.log())
+    raise ValueError(f"kd_target must be one of {', '.join(KD_TARGETS)}, got {kd_target!r}")

@@ -56,14 +56,10 @@ def student_prefix(gold_prev: torch.Tensor, predictions: torch.Tensor, pad: int)
     return shifted.masked_fill(gold_prev.eq(pad), pad)
 
 
-def _check(ok, message):
-    if not ok:
-        raise SystemExit(f"tie_kd: error: {message}")
-
-
 @register_criterion("tie_kd", dataclass=TieKDConfig)
 class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
     needs_teacher = True
+    name = "tie_kd"
 
     def __init__(
         self,
@@ -79,17 +75,22 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         report_accuracy=False,
     ):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
-        _check(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
-        _check(0 <= kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {kd_alpha}")
-        _check(kd_topk >= 1, f"--kd-topk must be >= 1, got {kd_topk}")
-        _check(kd_iterations >= 1, f"--kd-iterations must be >= 1, got {kd_iterations}")
-        _check(rank_weight >= 0, f"--rank-weight must be >= 0, got {rank_weight}")
-        _check(kd_temperature > 0, f"--kd-temperature must be > 0, got {kd_temperature}")
+        self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
+        self.require_flag(0 <= kd_alpha <= 1, f"--kd-alpha must be in [0, 1], got {kd_alpha}")
+        self.require_flag(kd_topk >= 1, f"--kd-topk must be >= 1, got {kd_topk}")
+        self.require_flag(kd_iterations >= 1, f"--kd-iterations must be >= 1, got {kd_iterations}")
+        self.require_flag(rank_weight >= 0, f"--rank-weight must be >= 0, got {rank_weight}")
+        self.require_flag(kd_temperature > 0, f"--kd-temperature must be > 0, got {kd_temperature}")
         self.alpha = kd_alpha
         self.topk = kd_topk
         self.iterations = kd_iterations
         self.rank_weight = rank_weight
         self.temperature = kd_temperature
+
+    def require_flag(self, ok, message):
+        """Stop before training with one line naming the flag."""
+        if not ok:
+            raise SystemExit(f"{self.name}: error: {message}")
 
     def forward(self, model, sample, reduce=True):
         # Validation (and alpha = 0) is plain label-smoothed CE, comparable with a CE run.
@@ -122,7 +123,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
             lprobs = model.get_normalized_probs(net_output, log_probs=True)
             teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
-            kl, rank = self.kd_terms(net_output[0], lprobs, teacher_logits)
+            kl, rank = self.kd_terms(net_output[0], lprobs, teacher_logits, target)
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
             top2 = lprobs.detach().topk(2, dim=-1).indices
@@ -143,12 +144,13 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             "nsentences": sample["target"].size(0),
             "sample_size": sample_size,
             "kd": kd.data,
-            "rank": rank.data,
             **agreement,
         }
+        if self.rank_weight:
+            logging_output["rank"] = rank.data
         return loss, sample_size, logging_output
 
-    def kd_terms(self, student_logits, student_lprobs, teacher_logits):
+    def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
         """Per-position (KL, ranking) for one pass; the student's log-softmax is shared with CE."""
         teacher_lprobs = F.log_softmax(teacher_logits.float(), dim=-1)
         if self.temperature == 1:
@@ -186,6 +188,8 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if kd_tokens == 0:
             return
         for key, scale, digits in (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2)):
+            if not any(key in log for log in logging_outputs):
+                continue
             total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
             # kd and rank: nats / sum of probability gaps per target token; the others: % of tokens.
             metrics.log_scalar(key, scale * total / kd_tokens, kd_tokens, round=digits)

@@ -1,0 +1,65 @@
+"""What the command-line tools share: one-line errors, fairseq's CLIs as subprocesses, atomic files.
+
+Each tool is a thin shell: ``main(argv)`` parses arguments and calls a library
+function that tests call directly; bad input raises ``UsageError``, which the
+shell prints as one line before any expensive work starts.
+"""
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """Bad input: the message is one line naming what is wrong and where (file, flag, symbol)."""
+
+
+def run_tool(prog, main, argv=None):
+    """Call ``main(argv)``; a UsageError becomes ``prog: error: message`` on stderr and exit status 2."""
+    try:
+        return main(argv)
+    except UsageError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def require_file(path, what):
+    if not Path(path).is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    return Path(path)
+
+
+def run_fairseq(tool, args, log_path=None):
+    """Run ``fairseq_cli.<tool>`` (train, generate, preprocess, ...) with this Python.
+
+    Output goes to ``log_path`` when given (else it is captured); a failure raises
+    RuntimeError with the last lines of that output. Returns the captured stdout.
+    """
+    cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *[str(a) for a in args]]
+    if log_path is None:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        output, tail = proc.stdout, (proc.stdout + proc.stderr)[-3000:]
+    else:
+        with open(log_path, "w") as log:
+            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+        output = tail = Path(log_path).read_text()[-3000:]
+    if proc.returncode != 0:
+        raise RuntimeError(f"fairseq-{tool} exited with {proc.returncode}:\n{tail}")
+    return output
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,66 @@
+"""``word_kd``: vanilla word-level KD, and the paper's knowledge-removal study (``--kd-target``).
+
+L = (1 - alpha) * LS-CE + alpha * sum_t KD_t: the terms of ``tie_kd`` with one
+pass and no ranking loss, so it is that criterion with those two fixed.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
+from fairseq.dataclass import ChoiceEnum
+
+from ..losses import KD_TARGETS, partial_kd
+from .tie_kd import TieKDCriterion
+
+
+@dataclass
+class WordKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    kd_alpha: float = field(
+        default=0.5, metadata={"help": "weight alpha of the KD term; the label-smoothed CE gets 1 - alpha"}
+    )
+    kd_temperature: float = field(
+        default=1.0, metadata={"help": "temperature tau of the KL (kd-target full only; KL scaled by tau^2)"}
+    )
+    kd_target: ChoiceEnum(KD_TARGETS) = field(
+        default="full",
+        metadata={"help": "what the student learns from the teacher: full distribution, top1 only, "
+                          "no-top1 (top-1 mass moved to the gold token), or topk"},
+    )
+    kd_topk: int = field(default=5, metadata={"help": "k of --kd-target topk"})
+
+
+@register_criterion("word_kd", dataclass=WordKDConfig)
+class WordKDCriterion(TieKDCriterion):
+    name = "word_kd"
+
+    def __init__(
+        self,
+        task,
+        sentence_avg,
+        label_smoothing,
+        kd_alpha,
+        kd_temperature,
+        kd_target,
+        kd_topk,
+        ignore_prefix_size=0,
+        report_accuracy=False,
+    ):
+        super().__init__(
+            task, sentence_avg, label_smoothing, kd_alpha, kd_topk, kd_iterations=1, rank_weight=0.0,
+            kd_temperature=kd_temperature, ignore_prefix_size=ignore_prefix_size, report_accuracy=report_accuracy,
+        )
+        self.require_flag(
+            kd_target == "full" or kd_temperature == 1,
+            f"--kd-temperature applies to --kd-target full only, got {kd_temperature} with {kd_target}",
+        )
+        self.kd_target = str(kd_target)
+
+    def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
+        if self.kd_target == "full":
+            return super().kd_terms(student_logits, student_lprobs, teacher_logits, target)
+        teacher_lprobs = F.log_softmax(teacher_logits.float(), dim=-1)
+        kd = partial_kd(student_lprobs, teacher_lprobs, target, self.kd_target, self.topk)
+        return kd, torch.zeros_like(kd)
