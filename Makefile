@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test bench clean
 
 install: $(STAMP)
 
@@ -21,6 +21,10 @@ $(STAMP): requirements/build.txt requirements/fairseq.txt requirements/runtime.t
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Benchmarks measure and print ratios; they are not tests.
+bench: $(STAMP)
+	$(BIN)/python benchmarks/loss_kernel.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

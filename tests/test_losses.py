@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, partial_kd
+from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, partial_kd, tie_kd_terms
 
 
 def literal_ranking(p, q, k):
@@ -149,3 +149,29 @@ def test_partial_kd_batched_matches_per_position():
         single = torch.stack([partial_kd(s[i, j], q[i, j], y[i, j], mode, k=3)
                               for i in range(3) for j in range(4)]).view(3, 4)
         assert torch.allclose(batched, single), mode
+
+
+@pytest.mark.parametrize("tau,k,with_rank", [(1.0, 5, True), (2.0, 3, True), (1.0, 1, True), (0.5, 4, False)])
+def test_tie_kd_terms_equal_the_unfused_functions_in_value_and_gradient(tau, k, with_rank):
+    gen = torch.Generator().manual_seed(int(tau * 10) + k)
+    s = (torch.randn(3, 4, 37, dtype=torch.float64, generator=gen) * 3).requires_grad_()
+    t_ = torch.randn(3, 4, 37, dtype=torch.float64, generator=gen) * 3
+    kl, rank = tie_kd_terms(s, t_, k, tau, with_rank)
+    ref_kl = tau**2 * kl_divergence(torch.log_softmax(s / tau, -1), torch.log_softmax(t_ / tau, -1))
+    ref_rank = (hierarchical_ranking_loss(torch.softmax(s, -1), torch.softmax(t_, -1), k) if with_rank
+                else torch.zeros_like(ref_kl))
+    assert torch.allclose(kl, ref_kl, atol=1e-12) and torch.allclose(rank, ref_rank, atol=1e-12)
+    w1, w2 = torch.rand(3, 4, dtype=torch.float64), torch.rand(3, 4, dtype=torch.float64)
+    got = torch.autograd.grad((w1 * kl + w2 * rank).sum(), s)[0]
+    want = torch.autograd.grad((w1 * ref_kl + w2 * ref_rank).sum(), s)[0]
+    assert torch.allclose(got, want, atol=1e-12)
+    small_t = t_[:1, :2]
+    assert torch.autograd.gradcheck(lambda x: tie_kd_terms(x, small_t, k, tau, with_rank), (s[:1, :2].detach().requires_grad_(),))
+
+
+def test_tie_kd_terms_on_half_logits_are_finite_fp32():
+    s = (torch.randn(4, 6, 500) * 20).half().requires_grad_()
+    kl, rank = tie_kd_terms(s, (torch.randn(4, 6, 500) * 20).half(), 5)
+    assert kl.dtype == rank.dtype == torch.float32 and torch.isfinite(kl).all() and torch.isfinite(rank).all()
+    (kl.sum() + rank.sum()).backward()
+    assert s.grad.dtype == torch.float16 and torch.isfinite(s.grad).all()

@@ -92,3 +92,82 @@ def partial_kd(
         moved = q.scatter(-1, a1, 0.0).scatter_add(-1, target.unsqueeze(-1), top1_mass)
         return kl_divergence(log_p, moved.log())
     raise ValueError(f"kd_target must be one of {', '.join(KD_TARGETS)}, got {kd_target!r}")
+
+
+def tie_kd_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
+                 with_rank: bool = True):
+    """Per-position ``(kl, rank)`` straight from raw logits, with no dense softmax kept for backward.
+
+    Equals ``tau^2 * kl_divergence(log_softmax(s / tau), log_softmax(t / tau))`` and
+    ``hierarchical_ranking_loss(softmax(s), softmax(t), k)`` in value and gradient
+    (the ranking loss is always at temperature 1). Top-k by probability is top-k
+    by logit, and a probability at a few ids is exp(logit - logsumexp), so the
+    ranking loss costs O(positions * k^2) after the top-k; backward recomputes
+    the student softmax from the logits instead of storing B x T x V tensors.
+    ``with_rank=False`` skips the ranking loss (returned as zeros).
+    """
+    if with_rank and not 1 <= k <= student_logits.size(-1):
+        raise ValueError(f"k must be in 1..{student_logits.size(-1)} (the vocabulary), got {k}")
+    shape = student_logits.shape[:-1]
+    kl, rank = _TieKDTerms.apply(
+        student_logits.reshape(-1, student_logits.size(-1)),
+        teacher_logits.detach().reshape(-1, teacher_logits.size(-1)),
+        k, float(temperature), with_rank,
+    )
+    return kl.view(shape), rank.view(shape)
+
+
+class _TieKDTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, t, k, tau, with_rank):
+        dtype = _compute_dtype(s)
+        s32, t32 = s.to(dtype), t.to(dtype)
+        s_tau, t_tau = (s32, t32) if tau == 1 else (s32 / tau, t32 / tau)
+        lse_s_tau = torch.logsumexp(s_tau, dim=-1, keepdim=True)
+        lse_t_tau = torch.logsumexp(t_tau, dim=-1, keepdim=True)
+        # sum_v q (log q - log p) = sum_v q (t - s) / tau - lse_t + lse_s, as sum_v q = 1.
+        q_tau = torch.softmax(t_tau, dim=-1)
+        kl = tau**2 * (torch.linalg.vecdot(q_tau, t_tau - s_tau) - lse_t_tau.squeeze(-1) + lse_s_tau.squeeze(-1))
+        del q_tau
+        ctx.tau, ctx.with_rank, ctx.dtype = tau, with_rank, dtype
+        if not with_rank:
+            ctx.save_for_backward(s, t)
+            return kl, torch.zeros_like(kl)
+        if tau == 1:
+            lse_s, lse_t = lse_s_tau, lse_t_tau
+        else:
+            lse_s, lse_t = torch.logsumexp(s32, dim=-1, keepdim=True), torch.logsumexp(t32, dim=-1, keepdim=True)
+        a = t32.topk(k, dim=-1).indices
+        b = s32.topk(k, dim=-1).indices
+        with torch.enable_grad():
+            p_a = (s32.gather(-1, a) - lse_s).exp().requires_grad_()
+            p_b = (s32.gather(-1, b) - lse_s).exp().requires_grad_()
+            q_a, q_b = (t32.gather(-1, a) - lse_t).exp(), (t32.gather(-1, b) - lse_t).exp()
+            rank = _ranking_from_topk(p_a, p_b, q_a, q_b)
+            # Positions are independent, so the gradient of the sum holds each position's own.
+            grad_p_a, grad_p_b = torch.autograd.grad(rank.sum(), (p_a, p_b))
+        ctx.save_for_backward(s, t, a, b, grad_p_a * p_a.detach(), grad_p_b * p_b.detach())
+        return kl, rank.detach()
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_rank):
+        s, t = ctx.saved_tensors[:2]
+        tau, dtype = ctx.tau, ctx.dtype
+        s32, t32 = s.to(dtype), t.to(dtype)
+        # d(tau^2 KL)/ds = tau (p_tau - q_tau)
+        g_kl = (tau * grad_kl).unsqueeze(-1)
+        p_tau = torch.softmax(s32 if tau == 1 else s32 / tau, dim=-1)
+        if ctx.with_rank:
+            a, b, gp_a, gp_b = ctx.saved_tensors[2:]
+            gp_a, gp_b = gp_a * grad_rank.unsqueeze(-1), gp_b * grad_rank.unsqueeze(-1)
+            # dR/ds_v = sum_i g_i p_i (delta_iv - p_v), over the gathered ids i (p at temperature 1).
+            total = (gp_a.sum(-1) + gp_b.sum(-1)).unsqueeze(-1)
+            if tau == 1:
+                grad = p_tau.mul_(g_kl - total)
+            else:
+                grad = p_tau.mul_(g_kl).sub_(torch.softmax(s32, dim=-1).mul_(total))
+            grad.scatter_add_(-1, a, gp_a).scatter_add_(-1, b, gp_b)
+        else:
+            grad = p_tau.mul_(g_kl)
+        grad.sub_(torch.softmax(t32 if tau == 1 else t32 / tau, dim=-1).mul_(g_kl))
+        return grad.to(s.dtype), None, None, None, None

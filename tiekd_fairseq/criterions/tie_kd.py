@@ -13,7 +13,6 @@ decoding the same prefix. Each encoder runs once per step.
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from fairseq import utils
 from fairseq.criterions import register_criterion
 from fairseq.criterions.label_smoothed_cross_entropy import (
@@ -23,7 +22,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
-from ..losses import hierarchical_ranking_loss, kl_divergence
+from ..losses import tie_kd_terms
 
 
 @dataclass
@@ -121,15 +120,17 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             if n > 0:
                 prev = student_prefix(gold_prev, predictions, self.padding_idx)
                 net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
-            lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            student_logits = net_output[0]
             teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
-            kl, rank = self.kd_terms(net_output[0], lprobs, teacher_logits, target)
-            kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
-            rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
-            top2 = lprobs.detach().topk(2, dim=-1).indices
+            top2 = student_logits.detach().topk(2, dim=-1).indices
             if n == 0:
+                # Only the gold pass has a CE term, so only it needs the dense log-probabilities.
+                lprobs = model.get_normalized_probs(net_output, log_probs=True)
                 ce, nll = self._gold_loss(lprobs, target)
                 agreement = self._agreement(top2[..., 0], teacher_logits.argmax(dim=-1), target, mask)
+            kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
+            kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
+            rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
             # A predicted pad would be masked out of the next prefix: take the runner-up there.
             predictions = torch.where(top2[..., 0].eq(self.padding_idx), top2[..., 1], top2[..., 0])
 
@@ -151,19 +152,8 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         return loss, sample_size, logging_output
 
     def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
-        """Per-position (KL, ranking) for one pass; the student's log-softmax is shared with CE."""
-        teacher_lprobs = F.log_softmax(teacher_logits.float(), dim=-1)
-        if self.temperature == 1:
-            kl = kl_divergence(student_lprobs, teacher_lprobs)
-        else:
-            tau = self.temperature
-            kl = tau**2 * kl_divergence(
-                F.log_softmax(student_logits.float() / tau, dim=-1),
-                F.log_softmax(teacher_logits.float() / tau, dim=-1),
-            )
-        if self.rank_weight == 0:
-            return kl, torch.zeros_like(kl)
-        return kl, hierarchical_ranking_loss(student_lprobs.exp(), teacher_lprobs.exp(), self.topk)
+        """Per-position (KL, ranking) for one pass, from the logits (no dense softmax kept)."""
+        return tie_kd_terms(student_logits, teacher_logits, self.topk, self.temperature, self.rank_weight > 0)
 
     def _gold_loss(self, lprobs, target):
         lprobs = lprobs[:, self.ignore_prefix_size :]
