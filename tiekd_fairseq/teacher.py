@@ -48,17 +48,18 @@ class Teacher:
         return self.model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths)[0]
 
 
-def load_teacher(path, task, teacher_data=None) -> Teacher:
+def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     """Build the teacher from the config saved in its checkpoint, after checking its dictionaries.
 
     The dictionaries are read from ``teacher_data`` or else the data directory
     the teacher was trained on (checkpoints do not store them), and must equal
-    the task's symbol by symbol.
+    the task's symbol by symbol. ``role`` names the model in messages (tools
+    that load students frozen, for analysis, use this too).
     """
-    state = _read_checkpoint(path)
+    state = _read_checkpoint(path, role)
     cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") else state.get("cfg")
     if cfg is None or cfg.get("model") is None:
-        raise TeacherError(f"teacher checkpoint {path} has no model config (args/cfg): not a fairseq checkpoint")
+        raise TeacherError(f"{role} checkpoint {path} has no model config (args/cfg): not a fairseq checkpoint")
     data_dir = teacher_data or str(getattr(cfg.task, "data", None) or "").split(os.pathsep)[0]
     for side, lang, expected in (
         ("source", task.cfg.source_lang, task.src_dict),
@@ -67,54 +68,54 @@ def load_teacher(path, task, teacher_data=None) -> Teacher:
         dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
         if not os.path.isfile(dict_path):
             raise TeacherError(
-                f"teacher {side} dictionary {dict_path} not found (checkpoints do not store "
-                f"dictionaries): pass --teacher-data DIR holding the teacher's dict.{lang}.txt"
+                f"{role} {side} dictionary {dict_path} not found (checkpoints do not store dictionaries)"
+                + (f": pass --teacher-data DIR holding the teacher's dict.{lang}.txt" if role == "teacher" else "")
             )
-        diff = dictionary_difference(expected, Dictionary.load(dict_path))
+        diff = dictionary_difference(expected, Dictionary.load(dict_path), role)
         if diff:
-            raise TeacherError(f"teacher {side} dictionary {dict_path} differs from the task's: {diff}")
+            raise TeacherError(f"{role} {side} dictionary {dict_path} differs from the task's: {diff}")
     try:
         model = models.build_model(cfg.model, task, from_checkpoint=True)
     except Exception as err:
-        raise TeacherError(f"cannot build teacher model from {path}: {_one_line(err)}") from err
+        raise TeacherError(f"cannot build {role} model from {path}: {_one_line(err)}") from err
     if not isinstance(model, FairseqEncoderDecoderModel):
         raise TeacherError(
-            f"teacher {path} is a {type(model).__name__}, not an encoder-decoder translation model"
+            f"{role} {path} is a {type(model).__name__}, not an encoder-decoder translation model"
         )
     try:
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     except Exception as err:
-        raise TeacherError(f"teacher weights in {path} do not fit its config: {_one_line(err)}") from err
+        raise TeacherError(f"{role} weights in {path} do not fit its config: {_one_line(err)}") from err
     logger.info(
-        "teacher %s: %s, %s parameters, frozen",
-        path, getattr(cfg.model, "arch", type(model).__name__), f"{sum(p.numel() for p in model.parameters()):,}",
+        "%s %s: %s, %s parameters, frozen",
+        role, path, getattr(cfg.model, "arch", type(model).__name__), f"{sum(p.numel() for p in model.parameters()):,}",
     )
     return Teacher(model)
 
 
-def dictionary_difference(expected: Dictionary, found: Dictionary) -> str:
+def dictionary_difference(expected: Dictionary, found: Dictionary, found_name="teacher") -> str:
     """'' when both dictionaries hold the same symbols at the same indices, else the first difference."""
     for index, (want, got) in enumerate(zip(expected.symbols, found.symbols)):
         if want != got:
-            return f"first difference at index {index}: teacher has {got!r}, task has {want!r}"
+            return f"first difference at index {index}: {found_name} has {got!r}, task has {want!r}"
     if len(expected) != len(found):
-        return f"teacher has {len(found)} symbols, task has {len(expected)}"
+        return f"{found_name} has {len(found)} symbols, task has {len(expected)}"
     return ""
 
 
-def _read_checkpoint(path):
+def _read_checkpoint(path, role):
     if not os.path.isfile(path):
-        raise TeacherError(f"teacher checkpoint {path} does not exist")
+        raise TeacherError(f"{role} checkpoint {path} does not exist")
     try:
         return checkpoint_utils.load_checkpoint_to_cpu(path, load_on_all_ranks=True)
     except Exception as err:
         refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
         if refused:
             raise TeacherError(
-                f"teacher checkpoint {path} refused: it asks to load {refused.group(1)}, "
+                f"{role} checkpoint {path} refused: it asks to load {refused.group(1)}, "
                 "which is not a fairseq checkpoint global (a checkpoint may not run code)"
             ) from err
-        raise TeacherError(f"cannot read teacher checkpoint {path}: {_one_line(err)}") from err
+        raise TeacherError(f"cannot read {role} checkpoint {path}: {_one_line(err)}") from err
 
 
 def _one_line(err: Exception) -> str:

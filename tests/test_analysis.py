@@ -1,0 +1,187 @@
+"""tiekd-analyze: the counting on hand-built tensors, then the console script on the real teacher and a student."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import fairseq, kd_train_args, run
+from tiekd_fairseq.analysis import add_counts, main, position_stats, summarize
+
+ANALYZE = Path(sys.executable).parent / "tiekd-analyze"
+BINS = (0.0, 0.4, 0.7, 1.0)
+
+
+def lprobs(rows):
+    return torch.tensor(rows, dtype=torch.float64).log()
+
+
+# Two sentences of two positions; the last position is padding (gold 1 = pad).
+TEACHER = lprobs([
+    [[0.9, 0.05, 0.03, 0.02], [0.1, 0.5, 0.3, 0.1]],   # top-1 0 at p .9 (bin 2); top-1 1 at .5 (bin 1)
+    [[0.35, 0.3, 0.2, 0.15], [0.05, 0.05, 0.05, 0.85]],  # top-1 0 at .35 (bin 0); padding
+])
+STUDENT = lprobs([
+    [[0.6, 0.1, 0.25, 0.05], [0.1, 0.2, 0.6, 0.1]],  # top-2 {0, 2}: agrees; top-2 {2, 1}: disagrees, holds 1
+    [[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]],    # top-2 {3, 2}: disagrees, misses 0; padding
+])
+TARGET = torch.tensor([[0, 2], [0, 1]])
+MASK = TARGET.ne(1)
+
+
+def test_position_stats_counts_a_case_computed_by_hand():
+    counts = position_stats(TEACHER, [STUDENT, TEACHER], TARGET, MASK, BINS, k=2)
+    # Bins [0, .4), [.4, .7), [.7, 1] hold the third, second and first position.
+    assert counts == {
+        "positions": [1, 1, 1],
+        "teacher_gold": [1, 0, 1],
+        "students": [
+            {"top1_agree": [0, 0, 1], "gold": [0, 1, 1], "topk_shared": [0, 2, 1], "top1_outside_topk": [1, 0, 0]},
+            {"top1_agree": [1, 1, 1], "gold": [1, 0, 1], "topk_shared": [2, 2, 2], "top1_outside_topk": [0, 0, 0]},
+        ],
+    }
+    rows = summarize(counts, BINS, 2, ["s", "self"])
+    assert [r["teacher_confidence"] for r in rows] == ["all", "[0, 0.4)", "[0.4, 0.7)", "[0.7, 1]"]
+    assert rows[0]["positions"] == 3 and rows[0]["teacher_gold"] == pytest.approx(200 / 3, abs=1e-3)
+    assert rows[0]["students"]["s"] == pytest.approx(
+        {"top1_agreement": 100 / 3, "gold": 200 / 3, "topk_overlap": 50.0, "top1_outside_topk": 100 / 3}, abs=1e-3
+    )
+    assert rows[0]["students"]["self"] == {
+        "top1_agreement": 100.0, "gold": rows[0]["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0
+    }
+    assert rows[2]["students"]["s"] == {"top1_agreement": 0.0, "gold": 100.0, "topk_overlap": 100.0,
+                                        "top1_outside_topk": 0.0}
+
+
+def test_bin_edges_and_empty_bins():
+    # p = 0.5 is an inner edge: it opens the upper bin; p = 1 falls in the last, closed bin.
+    teacher = lprobs([[0.5, 0.25, 0.25], [1.0, 0.0, 0.0]])
+    target = torch.tensor([0, 0])
+    counts = position_stats(teacher, [], target, target.ge(0), (0, 0.5, 1), k=1)
+    assert counts["positions"] == [0, 2]
+    rows = summarize(counts, (0, 0.5, 1), 1, [])
+    assert rows[1]["positions"] == 0 and rows[1]["teacher_gold"] is None
+
+
+def test_counts_of_batches_add_up_to_the_counts_of_the_whole():
+    whole = position_stats(TEACHER, [STUDENT], TARGET, MASK, BINS, k=3)
+    parts = [position_stats(TEACHER[i:i + 1], [STUDENT[i:i + 1]], TARGET[i:i + 1], MASK[i:i + 1], BINS, k=3)
+             for i in range(2)]
+    assert add_counts(*parts) == whole
+
+
+@pytest.fixture(scope="module")
+def student(corpus, teacher, tmp_path_factory):
+    """A tie_kd student after a few updates: far from the teacher."""
+    save_dir = tmp_path_factory.mktemp("analysis_student")
+    fairseq("fairseq-train", *kd_train_args(corpus.data_bin, teacher, save_dir, "--max-update", "4",
+                                            "--disable-validation", "--kd-iterations", "1"))
+    return save_dir / "checkpoint_last.pt"
+
+
+@pytest.fixture(scope="module")
+def analysis(corpus, teacher, student, tmp_path_factory):
+    out = tmp_path_factory.mktemp("analysis") / "out"
+    proc = run([ANALYZE, "--data-bin", corpus.data_bin, "--teacher", teacher, "--students", teacher, student,
+                "--names", "self", "tiny", "--topk", "5", "--cpu", "--max-tokens", "1000", "--out", out])
+    return json.loads((out / "analysis.json").read_text()), proc, out
+
+
+def test_teacher_against_itself_agrees_everywhere(analysis):
+    report, _, _ = analysis
+    for row in report["results"]:
+        if row["positions"]:
+            assert row["students"]["self"] == {
+                "top1_agreement": 100.0, "gold": row["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0
+            }
+    assert 0 < report["results"][0]["teacher_gold"] < 100
+
+
+def test_a_barely_trained_student_disagrees_with_the_teacher(analysis):
+    report, _, _ = analysis
+    tiny = report["results"][0]["students"]["tiny"]
+    assert tiny["top1_agreement"] < 100 and tiny["topk_overlap"] < 100 and tiny["top1_outside_topk"] > 0
+
+
+def test_bins_cover_every_non_padding_target_position(analysis, corpus):
+    report, _, _ = analysis
+    # Every sentencepiece piece is one token, plus the end-of-sentence token.
+    lines = (corpus.root / "sp.valid.de").read_text().splitlines()
+    positions = sum(len(line.split()) + 1 for line in lines)
+    assert sum(report["counts"]["positions"]) == report["results"][0]["positions"] == positions
+    assert [r["positions"] for r in report["results"][1:]] == report["counts"]["positions"]
+    assert [r["teacher_confidence"] for r in report["results"]] == ["all", "[0, 0.4)", "[0.4, 0.7)", "[0.7, 1]"]
+
+
+def test_the_table_is_printed_and_written(analysis):
+    report, proc, out = analysis
+    table = (out / "analysis.md").read_text()
+    assert table in proc.stdout
+    assert len(table.splitlines()) == 2 + 2 * 4 and "top-5 overlap" in table
+    assert f"| tiny | all | {report['results'][0]['positions']} |" in table
+    assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "analysis.md"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_gives_the_cpu_positions_and_full_self_agreement(analysis, corpus, teacher, tmp_path):
+    report, _, _ = analysis
+    run([ANALYZE, "--data-bin", corpus.data_bin, "--teacher", teacher, "--students", teacher, "--out", tmp_path])
+    cuda = json.loads((tmp_path / "analysis.json").read_text())
+    assert cuda["counts"]["positions"] == report["counts"]["positions"]
+    assert cuda["results"][0]["students"][str(teacher)]["top1_agreement"] == 100.0
+
+
+def test_bad_input_exits_2_with_one_line_from_the_console_script(corpus, tmp_path):
+    missing = tmp_path / "missing.pt"
+    proc = run([ANALYZE, "--data-bin", corpus.data_bin, "--teacher", missing, "--students", missing,
+                "--out", tmp_path / "out"], check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"tiekd-analyze: error: teacher checkpoint {missing} does not exist"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--bins", "0,0.7,0.4,1"], "--bins 0,0.7,0.4,1: need strictly increasing edges from 0 to 1"),
+    (["--bins", "0.1,1"], "--bins 0.1,1: need strictly increasing edges from 0 to 1"),
+    (["--bins", "0,a,1"], "--bins 0,a,1: not a comma-separated list of numbers"),
+    (["--topk", "0"], "--topk must be >= 1, got 0"),
+    (["--topk", "5000"], "--topk 5000 exceeds the target vocabulary"),
+    (["--subset", "dev"], "has no subset 'dev'"),
+    (["--max-tokens", "10"], "--max-tokens 10 is below the longest sentence of valid"),
+    (["--names", "a", "b"], "--names needs 1 distinct names, one per student, got 2"),
+    (["--students", "{missing}"], "student checkpoint {missing} does not exist"),
+])
+def test_bad_input_is_one_line_before_any_model_loads(flags, message, corpus, teacher, tmp_path, capsys, monkeypatch):
+    import tiekd_fairseq.analysis as analysis
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(analysis, "load_teacher", no_loading)
+    missing = str(tmp_path / "missing.pt")
+    flags = [f.format(missing=missing) for f in flags]
+    args = ["--data-bin", str(corpus.data_bin), "--teacher", str(teacher), "--students", str(teacher),
+            "--out", str(tmp_path / "out"), *flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("tiekd-analyze: error: ") and message.format(missing=missing) in err
+
+
+def test_a_data_bin_with_other_dictionaries_is_refused_in_one_line(corpus, teacher, tmp_path):
+    data = tmp_path / "bin"
+    shutil.copytree(corpus.data_bin, data)
+    for lang in ("en", "de"):
+        lines = (data / f"dict.{lang}.txt").read_text().splitlines()
+        lines[10], lines[11] = lines[11], lines[10]
+        (data / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
+    proc = run([ANALYZE, "--data-bin", data, "--teacher", teacher, "--students", teacher, "--cpu",
+                "--out", tmp_path / "out"], check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert last.startswith("tiekd-analyze: error: teacher source dictionary ")
+    assert "differs from the task's: first difference at index 14" in last
