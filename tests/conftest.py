@@ -2,6 +2,7 @@
 
 import lzma
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +106,16 @@ def kd_train_args(data_bin, teacher_path, save_dir, *extra):
         "--optimizer", "adam", "--lr", "5e-3", "--max-tokens", "2048", "--save-dir", save_dir,
         "--no-epoch-checkpoints", *extra,
     ]
+
+
+def data_bin_with_swapped_symbols(data_bin, dest):
+    """A copy of ``data_bin`` whose dictionaries swap lines 10 and 11 (indices 14 and 15).
+
+    Returns the two swapped symbols as (now at index 14, now at index 15).
+    """
+    shutil.copytree(data_bin, dest)
+    for lang in ("en", "de"):
+        lines = (dest / f"dict.{lang}.txt").read_text().splitlines()
+        lines[10], lines[11] = lines[11], lines[10]
+        (dest / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
+    return tuple(line.split()[0] for line in lines[10:12])

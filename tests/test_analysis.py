@@ -1,14 +1,13 @@
 """tiekd-analyze: the counting on hand-built tensors, then the console script on the real teacher and a student."""
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import fairseq, kd_train_args, run
+from conftest import data_bin_with_swapped_symbols, fairseq, kd_train_args, run
 from tiekd_fairseq.analysis import add_counts, main, position_stats, summarize
 
 ANALYZE = Path(sys.executable).parent / "tiekd-analyze"
@@ -174,11 +173,7 @@ def test_bad_input_is_one_line_before_any_model_loads(flags, message, corpus, te
 
 def test_a_data_bin_with_other_dictionaries_is_refused_in_one_line(corpus, teacher, tmp_path):
     data = tmp_path / "bin"
-    shutil.copytree(corpus.data_bin, data)
-    for lang in ("en", "de"):
-        lines = (data / f"dict.{lang}.txt").read_text().splitlines()
-        lines[10], lines[11] = lines[11], lines[10]
-        (data / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
+    data_bin_with_swapped_symbols(corpus.data_bin, data)
     proc = run([ANALYZE, "--data-bin", data, "--teacher", teacher, "--students", teacher, "--cpu",
                 "--out", tmp_path / "out"], check=False)
     last = proc.stderr.strip().splitlines()[-1]

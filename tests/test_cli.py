@@ -2,7 +2,6 @@
 
 import os
 import re
-import shutil
 import socket
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, COMMON, REPO, STUDENT_ARCH, USER_DIR, fairseq, kd_train_args, run
+from conftest import BIN, COMMON, REPO, STUDENT_ARCH, USER_DIR, data_bin_with_swapped_symbols, fairseq, kd_train_args, run
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +64,11 @@ def test_student_decodes_with_plain_fairseq_generate_and_sacrebleu(student, corp
 
 def test_teacher_with_another_dictionary_is_refused_in_one_line(corpus, teacher, tmp_path):
     data = tmp_path / "bin"
-    shutil.copytree(corpus.data_bin, data)
-    for lang in ("en", "de"):
-        lines = (data / f"dict.{lang}.txt").read_text().splitlines()
-        lines[10], lines[11] = lines[11], lines[10]
-        (data / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
+    task_sym, teacher_sym = data_bin_with_swapped_symbols(corpus.data_bin, data)
     proc = fairseq("fairseq-train", *kd_train_args(data, teacher, tmp_path / "s", "--max-update", "1"), check=False)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     # Dictionary files start after the 4 special symbols: line 10 is index 14.
-    task_sym, teacher_sym = (line.split()[0] for line in lines[10:12])
     assert re.fullmatch(
         rf"translation_kd: error: teacher source dictionary \S+dict\.en\.txt differs from the task's: "
         rf"first difference at index 14: teacher has {re.escape(repr(teacher_sym))}, task has {re.escape(repr(task_sym))}",

@@ -26,10 +26,20 @@ from ..losses import tie_kd_terms
 
 
 @dataclass
-class TieKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    """Flags every KD criterion has."""
+
     kd_alpha: float = field(
         default=0.5, metadata={"help": "weight alpha of the KD term; the label-smoothed CE gets 1 - alpha"}
     )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "temperature tau of the KL term only (both sides softened, KL scaled by tau^2)"},
+    )
+
+
+@dataclass
+class TieKDConfig(KDConfig):
     kd_topk: int = field(
         default=5, metadata={"help": "k of the hierarchical ranking loss (the teacher's top-k tokens)"}
     )
@@ -39,10 +49,6 @@ class TieKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     )
     rank_weight: float = field(
         default=1.0, metadata={"help": "weight lambda of the ranking loss; 0 gives iterative KD without ranking"}
-    )
-    kd_temperature: float = field(
-        default=1.0,
-        metadata={"help": "temperature tau of the KL term only (both sides softened, KL scaled by tau^2)"},
     )
 
 

@@ -9,21 +9,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from fairseq.criterions import register_criterion
-from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterionConfig
 from fairseq.dataclass import ChoiceEnum
 
 from ..losses import KD_TARGETS, partial_kd
-from .tie_kd import TieKDCriterion
+from .tie_kd import KDConfig, TieKDCriterion
 
 
 @dataclass
-class WordKDConfig(LabelSmoothedCrossEntropyCriterionConfig):
-    kd_alpha: float = field(
-        default=0.5, metadata={"help": "weight alpha of the KD term; the label-smoothed CE gets 1 - alpha"}
-    )
-    kd_temperature: float = field(
-        default=1.0, metadata={"help": "temperature tau of the KL (kd-target full only; KL scaled by tau^2)"}
-    )
+class WordKDConfig(KDConfig):
+    # --kd-temperature applies to kd-target full only.
     kd_target: ChoiceEnum(KD_TARGETS) = field(
         default="full",
         metadata={"help": "what the student learns from the teacher: full distribution, top1 only, "
