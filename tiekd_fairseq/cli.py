@@ -12,6 +12,15 @@ import tempfile
 from pathlib import Path
 
 
+PLUGIN_DIR = Path(__file__).resolve().parent
+
+# What every fairseq-generate run of ours passes: the plugin (torch >= 2.6 reads fairseq
+# checkpoints only with its allow-list), the plain translation task, and a batch-size
+# multiple of 1 (with fairseq's default of 8 its batching silently drops the last batch
+# of a subset, the one with the longest sentences, when its size is not a multiple of 8).
+GENERATE_FLAGS = ("--user-dir", PLUGIN_DIR, "--task", "translation", "--required-batch-size-multiple", 1)
+
+
 class UsageError(Exception):
     """Bad input: the message is one line naming what is wrong and where (file, flag, symbol)."""
 
