@@ -25,6 +25,7 @@ test: $(STAMP)
 # Benchmarks measure and print ratios; they are not tests.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_kernel.py
+	$(BIN)/python benchmarks/kd_step.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,168 @@
+"""Full training steps (forward, backward, optimizer) of a student under each criterion, on a fixed batch.
+
+    python benchmarks/kd_step.py [--preset small|base-big] [--fp16] [--json FILE]
+
+Each criterion runs in its own process: median step time after warm-up, target
+tokens per second, peak memory (CUDA max allocated; on CPU the peak resident
+set size above what the models and batch already hold), and each ratio against
+``ce``. Models are built from fairseq's own architectures with random weights
+and a random batch: speed does not depend on what the weights know.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    # A CPU-sized pair: 2+2 layers d256 student, 3+3 layers d512 teacher, 8k vocabulary.
+    "small": {"student": ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
+                          "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
+                          "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
+                          "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
+              "teacher": ["--arch", "transformer", "--encoder-layers", "3", "--decoder-layers", "3",
+                          "--encoder-embed-dim", "512", "--decoder-embed-dim", "512",
+                          "--encoder-ffn-embed-dim", "2048", "--decoder-ffn-embed-dim", "2048",
+                          "--encoder-attention-heads", "8", "--decoder-attention-heads", "8"],
+              "vocab": 8000, "sentences": 32, "length": 24},
+    # The paper's pair: Transformer-base student, Transformer-big teacher, 32k vocabulary (for CUDA).
+    "base-big": {"student": ["--arch", "transformer"], "teacher": ["--arch", "transformer_vaswani_wmt_en_de_big"],
+                 "vocab": 32000, "sentences": 128, "length": 32},
+}
+CRITERIA = {
+    "ce": ["--criterion", "label_smoothed_cross_entropy"],
+    "word_kd": ["--criterion", "word_kd"],
+    "tie_kd N=1": ["--criterion", "tie_kd", "--kd-iterations", "1"],
+    "tie_kd N=3": ["--criterion", "tie_kd", "--kd-iterations", "3"],
+}
+
+
+def _build(preset, criterion_flags, device, fp16):
+    """Task, student, criterion and a fixed batch, as fairseq-train builds them from flags."""
+    from fairseq import options
+    from fairseq.data import Dictionary
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.models import build_model
+
+    from tiekd_fairseq.tasks.translation_kd import TranslationKDTask
+    from tiekd_fairseq.teacher import Teacher
+
+    spec = PRESETS[preset]
+    dictionary = Dictionary()
+    for i in range(spec["vocab"] - len(dictionary)):
+        dictionary.add_symbol(f"w{i}")
+
+    def parse(arch_flags):
+        parser = options.get_training_parser()
+        args = options.parse_args_and_arch(parser, [
+            "unused", "--user-dir", str(Path(__file__).resolve().parents[1] / "tiekd_fairseq"),
+            "--task", "translation_kd", "--share-all-embeddings", "--label-smoothing", "0.1",
+            *arch_flags, *criterion_flags,
+        ])
+        return convert_namespace_to_omegaconf(args)
+
+    cfg = parse(spec["student"])
+    task = TranslationKDTask(cfg.task, dictionary, dictionary)
+    torch.manual_seed(0)
+    dtype = torch.float16 if fp16 else torch.float32
+    student = task.build_model(cfg.model).to(device=device, dtype=dtype)
+    task.teacher = Teacher(build_model(parse(spec["teacher"]).model, task).to(device=device, dtype=dtype))
+    criterion = task.build_criterion(cfg.criterion)
+    gen = torch.Generator().manual_seed(1)
+    n, length = spec["sentences"], spec["length"]
+    tokens = torch.randint(dictionary.nspecial, len(dictionary), (n, length), generator=gen)
+    target = torch.cat([tokens[:, 1:], torch.full((n, 1), dictionary.eos())], dim=1)
+    sample = {
+        "net_input": {"src_tokens": tokens.to(device), "src_lengths": torch.full((n,), length, device=device),
+                      "prev_output_tokens": torch.cat([torch.full((n, 1), dictionary.eos()), target[:, :-1]], 1).to(device)},
+        "target": target.to(device), "ntokens": n * length, "nsentences": n,
+    }
+    return student, criterion, sample
+
+
+def _rss_kb(field):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure(preset, name, device, fp16, steps, warmup):
+    student, criterion, sample = _build(preset, CRITERIA[name], device, fp16)
+    student.train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-4, eps=1e-4 if fp16 else 1e-8)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def step():
+        loss, sample_size, _ = criterion(student, sample)
+        (loss / sample_size).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    # The peak window starts before the warm-up: on CPU the allocator keeps what the first
+    # steps took, so a window that starts after them would miss the growth.
+    if device == "cuda":
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base = _rss_kb("VmRSS") * 1024
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        sync()
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024
+    seconds = statistics.median(times)
+    return {"seconds": seconds, "tokens_per_s": sample["ntokens"] / seconds, "peak_bytes": peak - base}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="small")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fp16", action="store_true", help="student and teacher in fp16 (CUDA)")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", choices=sorted(CRITERIA), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.preset, args.worker, args.device, args.fp16, args.steps, args.warmup)))
+        return
+    results = {}
+    for name in CRITERIA:
+        cmd = [sys.executable, __file__, "--worker", name, "--preset", args.preset, "--device", args.device,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--fp16"] if args.fp16 else [])]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        results[name] = json.loads(out.strip().splitlines()[-1])
+    ce = results["ce"]
+    print(f"kd_step: preset={args.preset} device={args.device} {'fp16' if args.fp16 else 'fp32'} "
+          f"steps={args.steps} (median after {args.warmup} warm-up)")
+    print("| criterion | step ms | target tok/s | peak MiB | time vs ce | memory vs ce |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, r in results.items():
+        print(f"| {name} | {r['seconds'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**20:.1f} | "
+              f"{r['seconds'] / ce['seconds']:.2f} | {r['peak_bytes'] / ce['peak_bytes']:.2f} |")
+    ratio = results["tie_kd N=1"]["seconds"] / results["word_kd"]["seconds"]
+    print(f"kd_step: tie_kd_N1/word_kd time_ratio={ratio:.2f}")
+    if args.json:
+        from tiekd_fairseq.cli import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps({"preset": args.preset, "device": args.device, "fp16": args.fp16,
+                                                 "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
