@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peak_memory  # noqa: E402
 
 PRESETS = {
     # A CPU-sized pair: 2+2 layers d256 student, 3+3 layers d512 teacher, 8k vocabulary.
@@ -87,13 +88,6 @@ def _build(preset, criterion_flags, device, fp16):
     return student, criterion, sample
 
 
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(preset, name, device, fp16, steps, warmup):
     student, criterion, sample = _build(preset, CRITERIA[name], device, fp16)
     student.train()
@@ -108,12 +102,7 @@ def measure(preset, name, device, fp16, steps, warmup):
 
     # The peak window starts before the warm-up: on CPU the allocator keeps what the first
     # steps took, so a window that starts after them would miss the growth.
-    if device == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_kb("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
+    baseline = peak_memory.start(device)
     for _ in range(warmup):
         step()
     times = []
@@ -123,9 +112,9 @@ def measure(preset, name, device, fp16, steps, warmup):
         step()
         sync()
         times.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024
     seconds = statistics.median(times)
-    return {"seconds": seconds, "tokens_per_s": sample["ntokens"] / seconds, "peak_bytes": peak - base}
+    return {"seconds": seconds, "tokens_per_s": sample["ntokens"] / seconds,
+            "peak_bytes": peak_memory.peak_since(device, baseline)}
 
 
 def main(argv=None):

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import peak_memory  # noqa: E402
 from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, tie_kd_terms  # noqa: E402
 
 
@@ -61,13 +62,6 @@ def check_exact(k=5):
     return errors
 
 
-def _rss_kb(field):
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def measure(name, positions, vocab, k, device, repeats):
     """Run in a fresh process: median seconds and peak bytes of one forward+backward."""
     gen = torch.Generator(device=device).manual_seed(1)
@@ -77,13 +71,7 @@ def measure(name, positions, vocab, k, device, repeats):
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     fn(s, t, k)  # warm-up
     s.grad = None
-    if device == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        base = _rss_kb("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak RSS (VmHWM)
+    baseline = peak_memory.start(device)
     times = []
     for _ in range(repeats):
         sync()
@@ -94,8 +82,7 @@ def measure(name, positions, vocab, k, device, repeats):
         times.append(time.perf_counter() - start)
         del kl, rank
         s.grad = None
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024
-    return {"seconds": statistics.median(times), "peak_bytes": peak - base}
+    return {"seconds": statistics.median(times), "peak_bytes": peak_memory.peak_since(device, baseline)}
 
 
 def main(argv=None):
