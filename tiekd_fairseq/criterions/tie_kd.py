@@ -128,17 +128,19 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
             student_logits = net_output[0]
             teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
-            top2 = student_logits.detach().topk(2, dim=-1).indices
             if n == 0:
                 # Only the gold pass has a CE term, so only it needs the dense log-probabilities.
                 lprobs = model.get_normalized_probs(net_output, log_probs=True)
                 ce, nll = self._gold_loss(lprobs, target)
-                agreement = self._agreement(top2[..., 0], teacher_logits.argmax(dim=-1), target, mask)
+                top1 = student_logits.detach().argmax(dim=-1)
+                agreement = self._agreement(top1, teacher_logits.argmax(dim=-1), target, mask)
             kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
-            # A predicted pad would be masked out of the next prefix: take the runner-up there.
-            predictions = torch.where(top2[..., 0].eq(self.padding_idx), top2[..., 1], top2[..., 0])
+            if n + 1 < self.iterations:
+                # A predicted pad would be masked out of the next prefix: take the runner-up there.
+                top2 = student_logits.detach().topk(2, dim=-1).indices
+                predictions = torch.where(top2[..., 0].eq(self.padding_idx), top2[..., 1], top2[..., 0])
 
         kd = kd_sum / self.iterations
         rank = rank_sum / self.iterations
