@@ -15,6 +15,8 @@ setup(
             "tiekd-eval=tiekd_fairseq.evaluation:main",
             "tiekd-analyze=tiekd_fairseq.analysis:main",
             "tiekd-seqkd=tiekd_fairseq.seqkd:main",
+            "tiekd-iterate=tiekd_fairseq.iterate:main",
+            "tiekd-cache-teacher=tiekd_fairseq.teacher_cache:main",
         ]
     },
 )
