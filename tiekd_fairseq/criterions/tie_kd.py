@@ -10,6 +10,7 @@ prefix, the student's pass n-1 argmax shifted right], with the teacher
 decoding the same prefix. Each encoder runs once per step.
 """
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -22,6 +23,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.logging import metrics
 
+from ..greedy import greedy_decode, prefix_and_target
 from ..losses import tie_kd_terms
 
 
@@ -52,6 +54,9 @@ class TieKDConfig(KDConfig):
     )
 
 
+_BASE_KEYS = ("loss", "nll_loss", "ntokens", "nsentences", "sample_size")
+
+
 def student_prefix(gold_prev: torch.Tensor, predictions: torch.Tensor, pad: int) -> torch.Tensor:
     """Decoder input for the next pass: the first gold column, then the predictions shifted right.
 
@@ -65,6 +70,8 @@ def student_prefix(gold_prev: torch.Tensor, predictions: torch.Tensor, pad: int)
 class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
     needs_teacher = True
     name = "tie_kd"
+    # kd_terms works from logits; only a subclass whose terms need log-probabilities sets this.
+    kd_needs_lprobs = False
 
     def __init__(
         self,
@@ -97,18 +104,90 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if not ok:
             raise SystemExit(f"{self.name}: error: {message}")
 
+    @property
+    def learns_from_mono(self):
+        """Whether source-only batches (no gold target) give this criterion anything to learn."""
+        return self.alpha > 0
+
     def forward(self, model, sample, reduce=True):
         # Validation (and alpha = 0) is plain label-smoothed CE, comparable with a CE run.
         if not model.training or self.alpha == 0:
             return super().forward(model, sample, reduce=reduce)
         teacher = self.task.teacher
         teacher.follow(next(model.parameters()))
-        net_input = sample["net_input"]
-        src_lengths = net_input["src_lengths"]
-        gold_prev = net_input["prev_output_tokens"]
+        if sample.get("mono"):
+            return self._mono_forward(model, sample, teacher)
+        target = sample["target"]
+        mask = target.ne(self.padding_idx)
+        mask[:, : self.ignore_prefix_size] = False
+        kd, rank, (net_output, teacher_logits), lprobs = self._kd_passes(
+            model, teacher, sample["net_input"], target, mask, need_lprobs=True
+        )
+        ce, nll = self._gold_loss(lprobs, target)
+        agreement = self._agreement(net_output[0].detach().argmax(dim=-1), teacher_logits.argmax(dim=-1), target, mask)
+        loss = (1 - self.alpha) * ce + self.alpha * (kd + self.rank_weight * rank)
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        return loss, sample_size, self._logging_output(
+            loss=loss.data, nll_loss=nll.data, ntokens=sample["ntokens"], nsentences=sample["target"].size(0),
+            sample_size=sample_size, kd=kd.data, rank=rank.data, **agreement,
+        )
 
-        # One forward through the (possibly DDP-wrapped) model; its encoder output is
-        # captured for the later passes, which call the decoder alone.
+    def _mono_forward(self, model, sample, teacher):
+        """A source-only batch: the prefix writer decodes greedily, then KD alone (there is no gold, no CE).
+
+        The loss is normalised per target token like a parallel batch: its sample size
+        is the number of generated tokens, EOS included.
+        """
+        net_input = sample["net_input"]
+        src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
+        eos = self.task.tgt_dict.eos()
+        cfg = self.task.cfg
+        writer = teacher.model if cfg.mono_prefix == "teacher" else model
+        was_training = writer.training
+        writer.eval()
+        try:
+            hyps = greedy_decode(writer, src_tokens, src_lengths, cfg.mono_max_len_a, cfg.mono_max_len_b,
+                                 eos=eos, pad=self.padding_idx)
+        finally:
+            writer.train(was_training)
+        prev, target = prefix_and_target(hyps, eos=eos, pad=self.padding_idx)
+        mask = target.ne(self.padding_idx)
+        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev}
+        kd, rank, _, _ = self._kd_passes(model, teacher, net_input, target, mask, self.kd_needs_lprobs)
+        loss = self.alpha * (kd + self.rank_weight * rank)
+        tokens = int(mask.sum())
+        sample_size = src_tokens.size(0) if self.sentence_avg else tokens
+        # ntokens 0: nll_loss and ppl stay about gold tokens.
+        return loss, sample_size, self._logging_output(
+            loss=loss.data, nll_loss=0.0, ntokens=0, nsentences=src_tokens.size(0), sample_size=sample_size,
+            kd_mono=kd.data, rank_mono=rank.data, mono_tokens=tokens, mono_sentences=src_tokens.size(0),
+        )
+
+    def _logging_output(self, **values):
+        """The same keys, of the same types, for every training batch of a run.
+
+        fairseq sums logging outputs across ranks and accumulated batches by the keys
+        of the first one and reduces tensors and numbers in separate buffers, so a
+        parallel and a source-only batch must agree on both: KD values are tensors on
+        the loss's device, zeros where a kind of batch has none.
+        """
+        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold"] + ["rank"] * bool(self.rank_weight)
+        if self.task.mono_shards:
+            keys += ["kd_mono", "mono_tokens", "mono_sentences"] + ["rank_mono"] * bool(self.rank_weight)
+        device = values["loss"].device
+        output = {k: values[k] for k in _BASE_KEYS}
+        output["nll_loss"] = torch.as_tensor(output["nll_loss"], device=device)
+        output.update({k: torch.as_tensor(values.get(k, 0), device=device) for k in keys})
+        return output
+
+    def _kd_passes(self, model, teacher, net_input, target, mask, need_lprobs):
+        """The N passes from ``net_input``'s prefix: (KD sum / N, ranking sum / N, pass-1 outputs, pass-1 log-probs).
+
+        Pass 1 is one forward through the (possibly DDP-wrapped) model; its encoder
+        output is captured for the later passes, which call the decoder alone.
+        """
+        src_lengths = net_input["src_lengths"]
+        first_prev = net_input["prev_output_tokens"]
         encoder_outs = []
         hook = model.encoder.register_forward_hook(lambda _m, _i, out: encoder_outs.append(out))
         try:
@@ -116,24 +195,18 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         finally:
             hook.remove()
         teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths)
-
-        target = model.get_targets(sample, net_output)
-        mask = target.ne(self.padding_idx)
-        mask[:, : self.ignore_prefix_size] = False
-        prev = gold_prev
+        prev, lprobs = first_prev, None
         kd_sum = rank_sum = 0.0
         for n in range(self.iterations):
             if n > 0:
-                prev = student_prefix(gold_prev, predictions, self.padding_idx)
+                prev = student_prefix(first_prev, predictions, self.padding_idx)
                 net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
             student_logits = net_output[0]
             teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
             if n == 0:
-                # Only the gold pass has a CE term, so only it needs the dense log-probabilities.
-                lprobs = model.get_normalized_probs(net_output, log_probs=True)
-                ce, nll = self._gold_loss(lprobs, target)
-                top1 = student_logits.detach().argmax(dim=-1)
-                agreement = self._agreement(top1, teacher_logits.argmax(dim=-1), target, mask)
+                first = (net_output, teacher_logits)
+                if need_lprobs:
+                    lprobs = model.get_normalized_probs(net_output, log_probs=True)
             kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
@@ -141,23 +214,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 # A predicted pad would be masked out of the next prefix: take the runner-up there.
                 top2 = student_logits.detach().topk(2, dim=-1).indices
                 predictions = torch.where(top2[..., 0].eq(self.padding_idx), top2[..., 1], top2[..., 0])
-
-        kd = kd_sum / self.iterations
-        rank = rank_sum / self.iterations
-        loss = (1 - self.alpha) * ce + self.alpha * (kd + self.rank_weight * rank)
-        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        logging_output = {
-            "loss": loss.data,
-            "nll_loss": nll.data,
-            "ntokens": sample["ntokens"],
-            "nsentences": sample["target"].size(0),
-            "sample_size": sample_size,
-            "kd": kd.data,
-            **agreement,
-        }
-        if self.rank_weight:
-            logging_output["rank"] = rank.data
-        return loss, sample_size, logging_output
+        return kd_sum / self.iterations, rank_sum / self.iterations, first, lprobs
 
     def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
         """Per-position (KL, ranking) for one pass, from the logits (no dense softmax kept)."""
@@ -181,13 +238,26 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
 
     @classmethod
     def reduce_metrics(cls, logging_outputs) -> None:
-        super().reduce_metrics(logging_outputs)
-        kd_tokens = utils.item(sum(log.get("kd_tokens", 0) for log in logging_outputs))
-        if kd_tokens == 0:
-            return
-        for key, scale, digits in (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2)):
-            if not any(key in log for log in logging_outputs):
+        if sum(log.get("ntokens", 0) for log in logging_outputs) > 0:
+            super().reduce_metrics(logging_outputs)
+        else:
+            # Only source-only batches: there is a loss but no gold token for nll_loss.
+            loss_sum = utils.item(sum(log.get("loss", 0) for log in logging_outputs))
+            sample_size = utils.item(sum(log.get("sample_size", 0) for log in logging_outputs))
+            metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        # kd, rank: nats / probability gaps per target token; top1_agree, teacher_gold: % of tokens.
+        for denominator, keys in (
+            ("kd_tokens", (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2))),
+            ("mono_tokens", (("kd_mono", 1, 4), ("rank_mono", 1, 4))),
+        ):
+            tokens = utils.item(sum(log.get(denominator, 0) for log in logging_outputs))
+            if tokens == 0:
                 continue
-            total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
-            # kd and rank: nats / sum of probability gaps per target token; the others: % of tokens.
-            metrics.log_scalar(key, scale * total / kd_tokens, kd_tokens, round=digits)
+            for key, scale, digits in keys:
+                if any(key in log for log in logging_outputs):
+                    total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
+                    metrics.log_scalar(key, scale * total / tokens, tokens, round=digits)
+        mono_sentences = sum(log.get("mono_sentences", 0) for log in logging_outputs)
+        if mono_sentences:
+            metrics.log_scalar_sum("mono_sents", mono_sentences)
+            metrics.log_scalar_sum("mono_toks", utils.item(sum(log.get("mono_tokens", 0) for log in logging_outputs)))

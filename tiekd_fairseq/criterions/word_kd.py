@@ -51,6 +51,12 @@ class WordKDCriterion(TieKDCriterion):
             f"--kd-temperature applies to --kd-target full only, got {kd_temperature} with {kd_target}",
         )
         self.kd_target = str(kd_target)
+        self.kd_needs_lprobs = self.kd_target != "full"
+
+    @property
+    def learns_from_mono(self):
+        # no-top1 moves mass onto the gold token, which a source-only sentence lacks.
+        return super().learns_from_mono and self.kd_target != "no-top1"
 
     def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
         if self.kd_target == "full":

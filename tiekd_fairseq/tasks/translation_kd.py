@@ -1,12 +1,15 @@
 """``translation_kd``: fairseq's translation task plus a frozen teacher for the KD criteria."""
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
+from ..mono_shards import MonoDataError, ParallelWithMono, check_shard, load_shard
 from ..teacher import TeacherError, load_teacher
 
 logger = logging.getLogger(__name__)
@@ -22,6 +25,21 @@ class TranslationKDConfig(TranslationConfig):
         default=None,
         metadata={"help": "directory with the teacher's dict.{src,tgt}.txt; default: the data dir saved in its checkpoint"},
     )
+    mono_data: Optional[str] = field(
+        default=None,
+        metadata={"help": "source-only shard folders, separated by ':' (fairseq-preprocess --only-source with the "
+                          "task's source dictionary); epoch e uses shard (e-1) mod S"},
+    )
+    mono_ratio: float = field(
+        default=0.5, metadata={"help": "share of training batches drawn from the source-only shard, in [0, 1)"}
+    )
+    mono_prefix: ChoiceEnum(["student", "teacher"]) = field(
+        default="student", metadata={"help": "who writes the target side of source-only sentences (greedy)"}
+    )
+    mono_max_len_a: float = field(
+        default=1.2, metadata={"help": "source-only prefixes have at most a * (source width) + b tokens"}
+    )
+    mono_max_len_b: int = field(default=10, metadata={"help": "see --mono-max-len-a"})
 
 
 @register_task("translation_kd", dataclass=TranslationKDConfig)
@@ -31,6 +49,28 @@ class TranslationKDTask(TranslationTask):
     def __init__(self, cfg: TranslationKDConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teacher = None
+        self.mono_shards = cfg.mono_data.split(os.pathsep) if cfg.mono_data else []
+        # Every shard is checked now, so a bad one stops the run before training, not mid-epoch.
+        try:
+            if not 0 <= cfg.mono_ratio < 1:
+                raise MonoDataError(f"--mono-ratio must be in [0, 1), got {cfg.mono_ratio}")
+            for shard in self.mono_shards:
+                check_shard(shard, cfg.source_lang, src_dict)
+        except MonoDataError as err:
+            raise SystemExit(f"translation_kd: error: {err}") from None
+
+    def has_sharded_data(self, split):
+        # With source-only shards the training set changes every epoch.
+        return bool(self.mono_shards) or super().has_sharded_data(split)
+
+    def load_dataset(self, split, epoch=1, combine=False, **kwargs):
+        super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
+        if split != self.cfg.train_subset or not self.mono_shards or self.cfg.mono_ratio == 0:
+            return
+        shard = self.mono_shards[(epoch - 1) % len(self.mono_shards)]
+        mono = load_shard(shard, self.cfg.source_lang, self.src_dict, self.cfg.left_pad_source)
+        logger.info("epoch %d: source-only shard %s, %d sentences", epoch, shard, len(mono))
+        self.datasets[split] = ParallelWithMono(self.datasets[split], mono, self.cfg.mono_ratio)
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint=from_checkpoint)
@@ -42,4 +82,7 @@ class TranslationKDTask(TranslationTask):
             except TeacherError as err:
                 # One line, no traceback: the run has not started and nothing is lost.
                 raise SystemExit(f"translation_kd: error: {err}") from None
+        if self.mono_shards and not getattr(criterion, "learns_from_mono", False):
+            raise SystemExit(f"translation_kd: error: --mono-data needs a KD criterion with --kd-alpha > 0, "
+                             f"not {cfg._name}: source-only batches have no gold target")
         return criterion
