@@ -4,7 +4,6 @@ import os
 import re
 import socket
 import sys
-from pathlib import Path
 
 import pytest
 import torch

@@ -9,16 +9,14 @@ from batches add up exactly, and percentages are taken once, at the end.
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
 from fairseq import utils
-from fairseq.data import data_utils
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from tqdm import tqdm
 
 from .cli import UsageError, atomic_write_text, require_file, run_tool
+from .data_bin import translation_task
 from .teacher import TeacherError, load_teacher
 
 DEFAULT_BINS = (0.0, 0.4, 0.7, 1.0)
@@ -149,7 +147,7 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     require_file(teacher, "teacher checkpoint")
     for path in students:
         require_file(path, "student checkpoint")
-    task = _translation_task(data_bin, subset)
+    task = translation_task(data_bin, subset)
     dataset = task.dataset(subset)
     if k > len(task.tgt_dict):
         raise UsageError(f"--topk {k} exceeds the target vocabulary ({len(task.tgt_dict)} symbols)")
@@ -169,7 +167,7 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     for sample in tqdm(batches, total=len(batches), desc=f"tiekd-analyze {subset}", unit="batch"):
         sample = utils.apply_to_sample(lambda t: t.to(device), sample)
         net_input, target = sample["net_input"], sample["target"]
-        lprobs = [_gold_prefix_lprobs(frozen, net_input) for frozen in models]
+        lprobs = [frozen.gold_prefix_lprobs(net_input) for frozen in models]
         batch = position_stats(lprobs[0], lprobs[1:], target, target.ne(task.tgt_dict.pad()), bins, k)
         counts = batch if counts is None else add_counts(counts, batch)
 
@@ -186,43 +184,12 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     return report
 
 
-def _translation_task(data_bin, subset):
-    """A plain ``translation`` task on ``data_bin`` with ``subset`` loaded; UsageError if either is missing."""
-    if not Path(data_bin).is_dir():
-        raise UsageError(f"data-bin {data_bin} is not a directory")
-    src, tgt = data_utils.infer_language_pair(str(data_bin))
-    if src is None:
-        raise UsageError(f"data-bin {data_bin} holds no binarized SPLIT.SRC-TGT.* files")
-    for lang in (src, tgt):
-        require_file(os.path.join(data_bin, f"dict.{lang}.txt"), "dictionary")
-    # The II(...) defaults of TranslationConfig point into a full fairseq config; these are their values there.
-    task = TranslationTask.setup_task(TranslationConfig(
-        data=str(data_bin), source_lang=src, target_lang=tgt,
-        train_subset="train", dataset_impl=None, required_seq_len_multiple=1,
-    ))
-    try:
-        task.load_dataset(subset)
-    except FileNotFoundError:
-        raise UsageError(f"data-bin {data_bin} has no subset {subset!r} ({subset}.{src}-{tgt}.*)") from None
-    if len(task.dataset(subset)) == 0:
-        raise UsageError(f"subset {subset!r} of {data_bin} holds no sentence")
-    return task
-
-
 def _load(path, task, role):
     """A frozen model built from its checkpoint's config, its dictionaries checked against the task's."""
     try:
         return load_teacher(str(path), task, role=role)
     except TeacherError as err:
         raise UsageError(str(err)) from None
-
-
-def _gold_prefix_lprobs(frozen, net_input):
-    """Log-probabilities (B, T, V) of a frozen model decoding the gold prefix."""
-    src_lengths = net_input["src_lengths"]
-    encoder_out = frozen.encode(net_input["src_tokens"], src_lengths)
-    logits = frozen.decode(net_input["prev_output_tokens"], encoder_out, src_lengths)
-    return frozen.model.get_normalized_probs((logits, None), log_probs=True)
 
 
 def main(argv=None):

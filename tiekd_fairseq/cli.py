@@ -5,6 +5,7 @@ function that tests call directly; bad input raises ``UsageError``, which the
 shell prints as one line before any expensive work starts.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -76,3 +77,32 @@ def atomic_write_text(path, text):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def make_output_dir(out):
+    """Create ``--out`` (a Path) or stop with one line saying why it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --out {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out} is not writable")
+
+
+def record_run_settings(plan_path, plan):
+    """Record the settings of a new run; a rerun must have the same, or its shards would mix two runs."""
+    if plan_path.is_file():
+        old = json.loads(plan_path.read_text())
+        for key, value in plan.items():
+            if old.get(key) != value:
+                raise UsageError(f"{plan_path.parent} holds shards of another run ({key} {old.get(key)!r} "
+                                 f"there, {value!r} now): use another --out or delete that folder")
+    else:
+        plan_path.parent.mkdir(exist_ok=True)
+        atomic_write_text(plan_path, json.dumps(plan, indent=1) + "\n")
+
+
+def id_list(ids, shown=20):
+    """Sentence ids for a message: the first ``shown``, then how many more."""
+    more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
+    return ", ".join(map(str, ids[:shown])) + more

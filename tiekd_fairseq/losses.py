@@ -171,3 +171,92 @@ class _TieKDTerms(torch.autograd.Function):
             grad = p_tau.mul_(g_kl)
         grad.sub_(torch.softmax(t32 if tau == 1 else t32 / tau, dim=-1).mul_(g_kl))
         return grad.to(s.dtype), None, None, None, None
+
+
+def cached_kd_terms(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_lprobs: torch.Tensor,
+                    teacher_tail_logmass: torch.Tensor, k: int, with_rank: bool = True):
+    """Per-position ``(kl, rank)`` against a cached teacher: its top-K ids and log-probs and its tail mass.
+
+    ``teacher_ids`` and ``teacher_lprobs`` (..., K) hold the teacher's top-K tokens
+    a_1..a_K by descending probability q; ``teacher_tail_logmass`` (...) is
+    log q_tail, q_tail = 1 - sum_{i<=K} q(a_i) (``TeacherCache.batch`` gives all three).
+
+    kl = sum_{i<=K} q(a_i) (log q(a_i) - log p(a_i)) + q_tail (log q_tail - log p_tail),
+    with p_tail = 1 - sum_{i<=K} p(a_i), the student's mass outside the cached tokens:
+    the KL of both distributions merged into K + 1 buckets (the tail one bucket). It
+    approximates KL(q || p) from below (merging outcomes never increases a KL) and
+    equals it when q_tail = 0, as when K is the vocabulary.
+
+    rank equals ``hierarchical_ranking_loss(softmax(student_logits), q, k)`` exactly for
+    k <= K: the teacher's top-k is the head of the cache, and a student top-k token b_j
+    outside the cache has q(b_j) < q(a_K) <= q(a_i) for every i <= k (barring a tie with
+    the K-th cached probability), so [q(a_i) > q(b_j)] = 1 for it; it is taken as
+    q(b_j) = 0, and a b_j inside the cache gets its cached q.
+
+    A position whose log-probs and tail are all -inf (q = 0; how ``TeacherCache.batch``
+    pads) gives kl = rank = 0 and exactly zero gradient, whatever its ids. Both terms are
+    computed in fp32 (float64 for float64 logits) from a logsumexp; gradients reach
+    the student logits only, and backward recomputes the student softmax instead
+    of keeping dense tensors.
+    """
+    size = teacher_ids.size(-1)
+    if with_rank and not 1 <= k <= size:
+        raise ValueError(f"k must be in 1..{size} (the cached top-K), got {k}")
+    shape, vocab = student_logits.shape[:-1], student_logits.size(-1)
+    kl, rank = _CachedKDTerms.apply(
+        student_logits.reshape(-1, vocab), teacher_ids.reshape(-1, size).long(),
+        teacher_lprobs.detach().reshape(-1, size), teacher_tail_logmass.detach().reshape(-1), k, with_rank,
+    )
+    return kl.view(shape), rank.view(shape)
+
+
+class _CachedKDTerms(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s, ids, lq, lq_tail, k, with_rank):
+        dtype = _compute_dtype(s)
+        s32, lq, lq_tail = s.to(dtype), lq.to(dtype), lq_tail.to(dtype)
+        q, q_tail = lq.exp(), lq_tail.exp()
+        lse = torch.logsumexp(s32, dim=-1, keepdim=True)
+        # log p_tail as a logsumexp over the uncached logits: 1 - sum p cancels when the cache holds nearly all.
+        lse_out = torch.logsumexp(s32.scatter(-1, ids, float("-inf")), dim=-1)
+        zero = torch.zeros((), dtype=dtype, device=s.device)
+        kl = torch.where(q > 0, q * (lq - s32.gather(-1, ids) + lse), zero).sum(dim=-1)
+        kl = kl + torch.where(q_tail > 0, q_tail * (lq_tail - lse_out + lse.squeeze(-1)), zero)
+        ctx.dtype, ctx.with_rank = dtype, with_rank
+        if not with_rank:
+            ctx.save_for_backward(s, ids, q, q_tail, lse_out)
+            return kl, torch.zeros_like(kl)
+        a, q_a = ids[:, :k], q[:, :k]
+        b = s32.topk(k, dim=-1).indices
+        q_b = torch.where(b.unsqueeze(-1) == ids.unsqueeze(-2), q.unsqueeze(-2), zero).amax(dim=-1)
+        with torch.enable_grad():
+            p_a = (s32.gather(-1, a) - lse).exp().requires_grad_()
+            p_b = (s32.gather(-1, b) - lse).exp().requires_grad_()
+            # No teacher mass, no ranking: R_top1 on repeated padding ids is 0 only up to rounding in backward.
+            rank = torch.where(q[:, 0] > 0, _ranking_from_topk(p_a, p_b, q_a, q_b), zero)
+            # Positions are independent, so the gradient of the sum holds each position's own.
+            grad_p_a, grad_p_b = torch.autograd.grad(rank.sum(), (p_a, p_b))
+        ctx.save_for_backward(s, ids, q, q_tail, lse_out, a, b, grad_p_a * p_a.detach(), grad_p_b * p_b.detach())
+        return kl, rank.detach()
+
+    @staticmethod
+    def backward(ctx, grad_kl, grad_rank):
+        s, ids, q, q_tail, lse_out = ctx.saved_tensors[:5]
+        s32 = s.to(ctx.dtype)
+        g_kl = grad_kl.unsqueeze(-1)
+        # dKL/ds_v = Q p_v - sum_i q_i [v = a_i] - q_tail [v uncached] p_v / p_tail, Q = sum_i q_i + q_tail.
+        total = (q.sum(-1, keepdim=True) + q_tail.unsqueeze(-1)) * g_kl
+        if ctx.with_rank:
+            a, b, gp_a, gp_b = ctx.saved_tensors[5:]
+            gp_a, gp_b = gp_a * grad_rank.unsqueeze(-1), gp_b * grad_rank.unsqueeze(-1)
+            # dR/ds_v = sum_i g_i p_i (delta_iv - p_v), over the gathered ids i.
+            total = total - (gp_a.sum(-1) + gp_b.sum(-1)).unsqueeze(-1)
+        grad = torch.softmax(s32, dim=-1).mul_(total)
+        # p_v / p_tail over the uncached tokens; the clamp keeps it 0, not NaN, when every token is cached.
+        uncached = s32.scatter(-1, ids, float("-inf"))
+        grad.sub_(uncached.sub_(lse_out.clamp(min=torch.finfo(ctx.dtype).min).unsqueeze(-1)).exp_()
+                  .mul_((q_tail * grad_kl).unsqueeze(-1)))
+        grad.scatter_add_(-1, ids, -q * g_kl)
+        if ctx.with_rank:
+            grad.scatter_add_(-1, a, gp_a).scatter_add_(-1, b, gp_b)
+        return grad.to(s.dtype), None, None, None, None, None

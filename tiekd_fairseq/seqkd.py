@@ -8,7 +8,6 @@ in the same subword vocabulary, as target; the other subsets are copied.
 """
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -19,7 +18,17 @@ from fairseq.data import data_utils, indexed_dataset
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from tqdm import tqdm
 
-from .cli import GENERATE_FLAGS, UsageError, atomic_write_text, require_file, run_fairseq, run_tool
+from .cli import (
+    GENERATE_FLAGS,
+    UsageError,
+    atomic_write_text,
+    id_list,
+    make_output_dir,
+    record_run_settings,
+    require_file,
+    run_fairseq,
+    run_tool,
+)
 from .teacher import TeacherError, load_teacher
 
 DEFAULT_SHARD_SIZE = 50000
@@ -47,7 +56,7 @@ def build_seqkd_data(data_bin, subset, teacher, out, beam=5, lenpen=1.0, max_tok
         require_file(data_bin / f"dict.{lang}.txt", "dictionary")
     for ext in ("idx", "bin"):
         require_file(f"{source_prefix}.{ext}", f"binarized {subset} source")
-    _make_writable(out)
+    make_output_dir(out)
 
     task = TranslationTask.setup_task(TranslationConfig(data=str(data_bin), source_lang=src, target_lang=tgt))
     sources = data_utils.load_indexed_dataset(str(source_prefix), task.src_dict)
@@ -57,11 +66,11 @@ def build_seqkd_data(data_bin, subset, teacher, out, beam=5, lenpen=1.0, max_tok
     too_long = [i for i, size in enumerate(sources.sizes) if size > max_source]
     if too_long:
         raise UsageError(f"{len(too_long)} {subset} sentences are longer than the teacher's {max_source} "
-                         f"source positions (ids {_id_list(too_long)})")
+                         f"source positions (ids {id_list(too_long)})")
 
     count = min(shards or math.ceil(len(sources) / shard_size), len(sources))
     shard_dir = out / "shards"
-    _start_or_resume(shard_dir / "plan.json", {
+    record_run_settings(shard_dir / "plan.json", {
         "data_bin": str(data_bin.resolve()), "subset": subset, "source_lang": src, "target_lang": tgt,
         "sentences": len(sources), "teacher": str(Path(teacher).resolve()),
         "teacher_bytes": os.path.getsize(teacher), "teacher_mtime_ns": os.stat(teacher).st_mtime_ns,
@@ -117,15 +126,6 @@ def _language_pair(data_bin, subset, source_lang, target_lang):
     return pairs.pop()
 
 
-def _make_writable(out):
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UsageError(f"cannot create --out {out}: {err.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out} is not writable")
-
-
 def _teacher_positions(teacher, task, teacher_data):
     """The teacher's (source, target) position limits, after checking that it reads and fits the task."""
     try:
@@ -133,19 +133,6 @@ def _teacher_positions(teacher, task, teacher_data):
     except TeacherError as err:
         raise UsageError(str(err)) from None
     return model.max_positions()
-
-
-def _start_or_resume(plan_path, plan):
-    """Record the settings of a new run; a rerun must have the same, or its shards would mix two runs."""
-    if plan_path.is_file():
-        old = json.loads(plan_path.read_text())
-        for key, value in plan.items():
-            if old.get(key) != value:
-                raise UsageError(f"{plan_path.parent} holds shards of another run ({key} {old.get(key)!r} "
-                                 f"there, {value!r} now): use another --out or delete that folder")
-    else:
-        plan_path.parent.mkdir(exist_ok=True)
-        atomic_write_text(plan_path, json.dumps(plan, indent=1) + "\n")
 
 
 def _shard_file(shard_dir, i):
@@ -191,15 +178,10 @@ def _in_corpus_order(pairs, ids, where):
     missing = [i for i in ids if i not in by_id]
     if missing:
         raise UsageError(f"{where}: {len(missing)} of {len(ids)} sentences got no hypothesis "
-                         f"(ids {_id_list(missing)})")
+                         f"(ids {id_list(missing)})")
     if unexpected:
-        raise UsageError(f"{where}: repeated or foreign hypotheses for ids {_id_list(unexpected)}")
+        raise UsageError(f"{where}: repeated or foreign hypotheses for ids {id_list(unexpected)}")
     return [by_id[i] for i in ids]
-
-
-def _id_list(ids, shown=20):
-    more = f", ... ({len(ids) - shown} more)" if len(ids) > shown else ""
-    return ", ".join(map(str, ids[:shown])) + more
 
 
 def _build_data_bin(data_bin, subset, src, tgt, text_prefix, final):

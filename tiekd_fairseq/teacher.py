@@ -47,6 +47,13 @@ class Teacher:
         """Output logits (B, T, V) for one decoder pass on the given prefix."""
         return self.model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths)[0]
 
+    def gold_prefix_lprobs(self, net_input):
+        """Log-probabilities (B, T, V) decoding a collated batch's gold prefix."""
+        src_lengths = net_input["src_lengths"]
+        encoder_out = self.encode(net_input["src_tokens"], src_lengths)
+        logits = self.decode(net_input["prev_output_tokens"], encoder_out, src_lengths)
+        return self.model.get_normalized_probs((logits, None), log_probs=True)
+
 
 def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     """Build the teacher from the config saved in its checkpoint, after checking its dictionaries.

@@ -24,7 +24,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from ..greedy import greedy_decode, prefix_and_target
-from ..losses import tie_kd_terms
+from ..losses import cached_kd_terms, tie_kd_terms
 
 
 @dataclass
@@ -113,18 +113,23 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         # Validation (and alpha = 0) is plain label-smoothed CE, comparable with a CE run.
         if not model.training or self.alpha == 0:
             return super().forward(model, sample, reduce=reduce)
-        teacher = self.task.teacher
-        teacher.follow(next(model.parameters()))
+        teacher = self.task.teacher  # None when a teacher cache serves the only pass
+        if teacher is not None:
+            teacher.follow(next(model.parameters()))
         if sample.get("mono"):
             return self._mono_forward(model, sample, teacher)
         target = sample["target"]
         mask = target.ne(self.padding_idx)
         mask[:, : self.ignore_prefix_size] = False
-        kd, rank, (net_output, teacher_logits), lprobs = self._kd_passes(
-            model, teacher, sample["net_input"], target, mask, need_lprobs=True
+        cached = None
+        if self.task.teacher_cache is not None:
+            cached = [t.to(target.device) for t in self.task.teacher_cache.batch(sample["id"], target.size(1),
+                                                                                    self.padding_idx)]
+        kd, rank, (net_output, teacher_top1), lprobs = self._kd_passes(
+            model, teacher, sample["net_input"], target, mask, need_lprobs=True, cached=cached
         )
         ce, nll = self._gold_loss(lprobs, target)
-        agreement = self._agreement(net_output[0].detach().argmax(dim=-1), teacher_logits.argmax(dim=-1), target, mask)
+        agreement = self._agreement(net_output[0].detach().argmax(dim=-1), teacher_top1, target, mask)
         loss = (1 - self.alpha) * ce + self.alpha * (kd + self.rank_weight * rank)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         return loss, sample_size, self._logging_output(
@@ -180,11 +185,14 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         output.update({k: torch.as_tensor(values.get(k, 0), device=device) for k in keys})
         return output
 
-    def _kd_passes(self, model, teacher, net_input, target, mask, need_lprobs):
-        """The N passes from ``net_input``'s prefix: (KD sum / N, ranking sum / N, pass-1 outputs, pass-1 log-probs).
+    def _kd_passes(self, model, teacher, net_input, target, mask, need_lprobs, cached=None):
+        """The N passes from ``net_input``'s prefix.
 
-        Pass 1 is one forward through the (possibly DDP-wrapped) model; its encoder
-        output is captured for the later passes, which call the decoder alone.
+        Returns (KD sum / N, ranking sum / N, (pass-1 output, teacher's pass-1 argmax),
+        pass-1 log-probs or None). Pass 1 is one forward through the (possibly
+        DDP-wrapped) model; its encoder output is captured for the later passes, which
+        call the decoder alone. ``cached`` (ids, log-probs, tail) replaces the teacher
+        on pass 1; later passes decode new prefixes, so they run the teacher.
         """
         src_lengths = net_input["src_lengths"]
         first_prev = net_input["prev_output_tokens"]
@@ -194,7 +202,8 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             net_output = model(**net_input)
         finally:
             hook.remove()
-        teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths)
+        needs_teacher = cached is None or self.iterations > 1
+        teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths) if needs_teacher else None
         prev, lprobs = first_prev, None
         kd_sum = rank_sum = 0.0
         for n in range(self.iterations):
@@ -202,12 +211,16 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 prev = student_prefix(first_prev, predictions, self.padding_idx)
                 net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
             student_logits = net_output[0]
-            teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
-            if n == 0:
-                first = (net_output, teacher_logits)
-                if need_lprobs:
-                    lprobs = model.get_normalized_probs(net_output, log_probs=True)
-            kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
+            if n == 0 and need_lprobs:
+                lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            if n == 0 and cached is not None:
+                kl, rank = cached_kd_terms(student_logits, *cached, self.topk, self.rank_weight > 0)
+                first = (net_output, cached[0][..., 0])
+            else:
+                teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
+                kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
+                if n == 0:
+                    first = (net_output, teacher_logits.argmax(dim=-1))
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
             if n + 1 < self.iterations:

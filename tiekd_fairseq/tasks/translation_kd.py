@@ -11,6 +11,7 @@ from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..mono_shards import MonoDataError, ParallelWithMono, check_shard, load_shard
 from ..teacher import TeacherError, load_teacher
+from ..teacher_cache import TeacherCache, TeacherCacheError
 
 logger = logging.getLogger(__name__)
 
@@ -24,6 +25,11 @@ class TranslationKDConfig(TranslationConfig):
     teacher_data: Optional[str] = field(
         default=None,
         metadata={"help": "directory with the teacher's dict.{src,tgt}.txt; default: the data dir saved in its checkpoint"},
+    )
+    teacher_cache: Optional[str] = field(
+        default=None,
+        metadata={"help": "tiekd-cache-teacher output for the training subset: the gold pass reads the teacher's "
+                          "top-K from it instead of running the teacher (KL over K tokens + a tail bucket)"},
     )
     mono_data: Optional[str] = field(
         default=None,
@@ -49,6 +55,8 @@ class TranslationKDTask(TranslationTask):
     def __init__(self, cfg: TranslationKDConfig, src_dict, tgt_dict):
         super().__init__(cfg, src_dict, tgt_dict)
         self.teacher = None
+        self.teacher_cache = None
+        self.teacher_cache_k = 1
         self.mono_shards = cfg.mono_data.split(os.pathsep) if cfg.mono_data else []
         # Every shard is checked now, so a bad one stops the run before training, not mid-epoch.
         try:
@@ -56,7 +64,9 @@ class TranslationKDTask(TranslationTask):
                 raise MonoDataError(f"--mono-ratio must be in [0, 1), got {cfg.mono_ratio}")
             for shard in self.mono_shards:
                 check_shard(shard, cfg.source_lang, src_dict)
-        except MonoDataError as err:
+            if cfg.teacher_cache:
+                self.teacher_cache = TeacherCache(cfg.teacher_cache)
+        except (MonoDataError, TeacherCacheError) as err:
             raise SystemExit(f"translation_kd: error: {err}") from None
 
     def has_sharded_data(self, split):
@@ -65,7 +75,14 @@ class TranslationKDTask(TranslationTask):
 
     def load_dataset(self, split, epoch=1, combine=False, **kwargs):
         super().load_dataset(split, epoch=epoch, combine=combine, **kwargs)
-        if split != self.cfg.train_subset or not self.mono_shards or self.cfg.mono_ratio == 0:
+        if split != self.cfg.train_subset:
+            return
+        if self.teacher_cache is not None:
+            try:
+                self.teacher_cache.check(self, split, self.teacher_cache_k)
+            except TeacherCacheError as err:
+                raise SystemExit(f"translation_kd: error: {err}") from None
+        if not self.mono_shards or self.cfg.mono_ratio == 0:
             return
         shard = self.mono_shards[(epoch - 1) % len(self.mono_shards)]
         mono = load_shard(shard, self.cfg.source_lang, self.src_dict, self.cfg.left_pad_source)
@@ -74,7 +91,16 @@ class TranslationKDTask(TranslationTask):
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint=from_checkpoint)
-        if getattr(criterion, "needs_teacher", False) and self.teacher is None:
+        needs_teacher = getattr(criterion, "needs_teacher", False)
+        if needs_teacher and self.teacher_cache is not None:
+            if criterion.temperature != 1 or criterion.kd_needs_lprobs:
+                raise SystemExit(f"translation_kd: error: --teacher-cache holds temperature-1 top-K log-probs: it "
+                                 f"serves the full KL at --kd-temperature 1 only ({cfg._name})")
+            # The ranking loss reads k of the cached K; KL alone reads any K.
+            self.teacher_cache_k = criterion.topk if criterion.rank_weight else 1
+            # With one pass and no source-only batches the cache replaces the teacher entirely.
+            needs_teacher = criterion.iterations > 1 or bool(self.mono_shards)
+        if needs_teacher and self.teacher is None:
             if not self.cfg.teacher_path:
                 raise SystemExit(f"translation_kd: error: criterion {cfg._name} needs --teacher-path")
             try:
