@@ -6,7 +6,11 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test bench clean
+# `make demo PROFILE=full` retrains the demo teacher too (hours on CPU); each profile has its own folder.
+PROFILE ?= default
+DEMO_OUT ?= demo-out$(if $(filter-out default,$(PROFILE)),-$(PROFILE))
+
+.PHONY: install test bench demo clean
 
 install: $(STAMP)
 
@@ -26,6 +30,9 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_kernel.py
 	$(BIN)/python benchmarks/kd_step.py
+
+demo: $(STAMP)
+	$(BIN)/tiekd-demo --profile $(PROFILE) --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
