@@ -1,21 +1,19 @@
 """Source-only shards in translation_kd: rotation, alternated batches, KD-only loss on greedy prefixes."""
 
-import socket
-
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
 
-from conftest import BIN, REPO, fairseq, kd_train_args, run
+from conftest import fairseq, kd_train_args
 from test_criterion import build
 from tiekd_fairseq.mono_shards import ParallelWithMono
 
 
-def binarize_mono(corpus, lines, dest, srcdict=None):
+def binarize_mono(corpus, lines, dest):
     prefix = dest.parent / f"{dest.name}-text"
     prefix.with_name(prefix.name + ".en").write_text("".join(line + "\n" for line in lines))
     fairseq("fairseq-preprocess", "--only-source", "--source-lang", "en", "--trainpref", prefix, "--destdir", dest,
-            "--srcdict", srcdict or corpus.data_bin / "dict.en.txt", "--workers", "1")
+            "--srcdict", corpus.data_bin / "dict.en.txt", "--workers", "1")
     return dest
 
 
@@ -110,21 +108,10 @@ def test_teacher_can_write_the_prefix(corpus, teacher, shards):
         assert row[row.ne(pad)].tolist() == [eos] + hyp[:-1].tolist()
 
 
-def test_bad_shards_stop_before_training_with_one_line(corpus, teacher, shards, tmp_path):
-    other_dict = tmp_path / "dict.txt"
-    lines = (corpus.data_bin / "dict.en.txt").read_text().splitlines()
-    lines[0], lines[1] = lines[1], lines[0]
-    other_dict.write_text("\n".join(lines) + "\n")
-    text = (corpus.root / "sp.train.en").read_text().splitlines()[:20]
-    cases = {
-        "another dictionary": (binarize_mono(corpus, text, tmp_path / "other", other_dict),
-                               "was binarized with another dictionary"),
-        "missing": (tmp_path / "nowhere", "has no train.en-None.en.idx"),
-        "empty": (binarize_mono(corpus, [], tmp_path / "empty"), "holds no sentences"),
-    }
-    for name, (shard, message) in cases.items():
-        with pytest.raises(SystemExit, match=message):
-            build(corpus.data_bin, teacher, "--mono-data", f"{shards[0]}:{shard}")
+def test_missing_shards_and_a_bad_ratio_stop_before_training_with_one_line(corpus, teacher, shards, tmp_path):
+    # Empty shards and shards of another dictionary are robustness cases (tests/robustness/test_data.py).
+    with pytest.raises(SystemExit, match="has no train.en-None.en.idx"):
+        build(corpus.data_bin, teacher, "--mono-data", f"{shards[0]}:{tmp_path / 'nowhere'}")
     with pytest.raises(SystemExit, match=r"--mono-ratio must be in \[0, 1\)"):
         build(corpus.data_bin, teacher, *mono_flags(shards, "--mono-ratio", "1"))
 
@@ -140,23 +127,3 @@ def test_fairseq_train_logs_source_only_terms(corpus, teacher, shards, tmp_path)
     last = [line for line in (proc.stdout + proc.stderr).splitlines() if "| train |" in line][-1]
     for key in ("kd_mono", "rank_mono", "mono_sents", "mono_toks", "kd", "top1_agree"):
         assert f"| {key} " in last, key
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_ddp_with_source_only_batches_stays_in_step(corpus, teacher, shards, tmp_path):
-    dump = tmp_path / "params"
-    dump.mkdir()
-    train = kd_train_args(corpus.data_bin, teacher, tmp_path / "s", "--max-update", "8",
-                          "--distributed-backend", "gloo", "--distributed-no-spawn", *mono_flags(shards))
-    run([BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", _free_port(), REPO / "tests" / "train_and_dump.py", dump, *train])
-    ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
-    assert ranks[0]["data_parallel"] == ranks[1]["data_parallel"] == 2
-    assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 8
-    for name, value in ranks[0]["params"].items():
-        assert torch.equal(value, ranks[1]["params"][name]), name

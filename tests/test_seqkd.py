@@ -1,12 +1,8 @@
 """tiekd-seqkd through its console script: the teacher's beam output as a new data-bin, resumable by shard."""
 
 import filecmp
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -66,29 +62,6 @@ def test_new_data_bin_trains_with_cross_entropy(seqkd, tmp_path):
     log = proc.stdout + proc.stderr
     assert "loaded 100 examples from: " + str(seqkd / "data-bin" / "test.en-de.de") in log
     assert "num_updates 2" in log and "valid on 'valid' subset" in log
-
-
-def test_killed_run_resumes_at_the_first_unfinished_shard(seqkd, corpus, teacher, tmp_path):
-    out = tmp_path / "out"
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(a) for a in [SEQKD, *seqkd_args(corpus, teacher, out)]], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    first = out / "shards" / "00000.txt"
-    deadline = time.monotonic() + 120
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the tool and the fairseq-generate decoding shard 1
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL and first.exists()
-    assert not (out / "shards" / "00001.txt").exists() and not (out / "data-bin").exists()
-    written = first.stat().st_mtime_ns
-
-    rerun = run([SEQKD, *seqkd_args(corpus, teacher, out)])
-    assert "2 shards, 1 already decoded" in rerun.stderr
-    assert first.stat().st_mtime_ns == written
-    assert sorted(p.name for p in (out / "shards").iterdir()) == ["00000.txt", "00001.txt", "plan.json"]
-    for name in ["test.de", *(f"data-bin/{p.name}" for p in (seqkd / "data-bin").iterdir())]:
-        assert filecmp.cmp(out / name, seqkd / name, shallow=False), name
 
 
 def test_a_lost_hypothesis_fails_in_one_line_naming_its_id(seqkd, corpus, teacher, tmp_path):

@@ -136,25 +136,6 @@ def test_batch_is_aligned_with_a_collated_batch_and_padding_costs_nothing(cache,
     assert torch.isfinite(logits.grad).all() and logits.grad[padding].eq(0).all()
 
 
-def test_rerun_computes_only_the_missing_shard_and_gives_the_same_cache(cache, corpus, teacher, tmp_path):
-    out = tmp_path / "cache"
-    shutil.copytree(cache.out, out)  # copies modification times too
-    shutil.rmtree(out / "shard-00002")
-    # What a run killed while writing shard 2 leaves.
-    (out / ".shard-00002.partial").mkdir()
-    (out / ".shard-00002.partial" / "ids.bin").write_bytes(b"\0" * 10)
-    kept = {p: p.stat().st_mtime_ns for p in out.glob("shard-0000[01]/*")}
-    assert len(kept) == 12
-
-    rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
-    assert "3 shards, 2 already cached" in rerun.stderr
-    assert {p: p.stat().st_mtime_ns for p in out.glob("shard-0000[01]/*")} == kept
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "shard-00000", "shard-00001", "shard-00002"]
-    for path in cache.out.rglob("*"):
-        if path.is_file():
-            assert path.read_bytes() == (out / path.relative_to(cache.out)).read_bytes(), path
-
-
 def _refusal(make_reader, check_args=None):
     from tiekd_fairseq.teacher_cache import TeacherCacheError
 

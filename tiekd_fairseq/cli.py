@@ -7,6 +7,7 @@ shell prints as one line before any expensive work starts.
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,6 +34,18 @@ def run_tool(prog, main, argv=None):
     except UsageError as err:
         print(f"{prog}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def one_line(err):
+    """An exception as ``Type: first line of its message``."""
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def kill_point(name):
+    """Test-only: SIGKILL this process here if the environment variable TIEKD_TEST_KILL_AT equals ``name``."""
+    if os.environ.get("TIEKD_TEST_KILL_AT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def require_file(path, what):
@@ -73,6 +86,7 @@ def atomic_write_text(path, text):
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
+        kill_point(path.name)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 from tqdm import tqdm
 
-from . import safe_checkpoints  # noqa: F401  (torch.load of fairseq checkpoints, for averaging)
+from . import raw_text, safe_checkpoints  # safe_checkpoints also lets averaging torch.load fairseq checkpoints
 from .cli import GENERATE_FLAGS, UsageError, atomic_write_text, require_file, run_fairseq, run_tool
 
 # As in fairseq's average_checkpoints.py: the number is the epoch, or the update with --average-updates.
@@ -35,9 +35,11 @@ METRICS = {"bleu": BLEU, "chrf": CHRF}
 
 
 def read_lines(path):
-    """A UTF-8 text file's lines as sacreBLEU's command line reads them: split on newlines only, right-stripped."""
-    with open(path, encoding="utf-8", newline="\n") as f:
-        return [line.rstrip() for line in f]
+    """A UTF-8 text file's lines as sacreBLEU's command line reads them: split on newlines only, right-stripped.
+
+    Bytes that are not UTF-8 stop the tool with one line naming the file and line.
+    """
+    return [line.rstrip() for line in raw_text.iter_lines(path)]
 
 
 def subset_size(data, subset, source_lang=None, target_lang=None):
@@ -180,6 +182,9 @@ def _plan_systems(systems, names, average_last, average_updates):
             average = last_checkpoints(path, average_last, average_updates)
         else:
             require_file(path, "checkpoint")
+        # A training killed while saving leaves a truncated file: refused here, before any decoding.
+        for checkpoint in average or [path]:
+            safe_checkpoints.check_checkpoint(checkpoint, "system")
         plans.append({"name": names[i] if names is not None else path.stem, "path": path, "average": average})
     taken = [plan["name"] for plan in plans]
     for name in taken:

@@ -29,7 +29,8 @@ finished (recorded in ``state.json``) is only scored; a round killed during
 training is trained again from its start, its folder removed first. fairseq
 writes ``checkpoint_last.pt`` by a plain copy, so after a kill it may be
 truncated; restarting also makes the round the same as an uninterrupted one.
-Every file of ours is written whole (temporary name, then rename).
+Every file of ours is written whole (temporary name, then rename); the rerun
+removes the temporary files and the partial scoring output a kill left.
 """
 
 import argparse
@@ -48,9 +49,11 @@ from fairseq.data import data_utils
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from tqdm import tqdm
 
-from .cli import PLUGIN_DIR, UsageError, atomic_write_text, require_file, run_fairseq, run_tool
+from .cli import PLUGIN_DIR, UsageError, atomic_write_text, kill_point, require_file, run_fairseq, run_tool
 from .evaluation import evaluate, read_lines, subset_size
 from .mono_shards import MonoDataError, check_shard
+from .raw_text import iter_lines
+from .safe_checkpoints import check_checkpoint
 from .teacher import TeacherError, load_teacher
 
 STATE, ROWS, BEST, LOCK = "state.json", "rounds.tsv", "checkpoint_best.pt", ".lock"
@@ -102,6 +105,8 @@ def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, tr
     }
     with _exclusive(save_dir):
         state = _start_or_resume(save_dir, settings)
+        for stale in save_dir.glob(".*.tmp"):  # temporary files of a killed run, never renamed into place
+            stale.unlink()
         if mono_text:
             shards = _split_mono(mono_text, rounds, spm_model, save_dir / "mono", src, data_bin / f"dict.{src}.txt")
         else:
@@ -127,6 +132,7 @@ def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, tr
                 _save_state(save_dir, state)
             else:
                 logger.info("round %d: training had finished, scoring it", r)
+            shutil.rmtree(round_dir / "valid", ignore_errors=True)  # what a killed scoring left
             results = evaluate(
                 data_bin, [round_dir / BEST], valid_ref, round_dir / "valid", names=[f"round{r}"],
                 subset=VALID_SUBSET, beam=beam, lenpen=lenpen, spm_model=spm_model,
@@ -192,16 +198,10 @@ def rounds_without_gain(rows):
 
 def mono_sentences(path):
     """The non-blank lines of a UTF-8 text file, stripped: the sentences the shards are dealt from."""
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8").strip()
-            except UnicodeDecodeError as err:
-                raise UsageError(
-                    f"--mono {path} line {number} is not UTF-8 ({err.reason} at byte {err.start})"
-                ) from None
-            if line:
-                yield line
+    for line in iter_lines(path):
+        line = line.strip()
+        if line:
+            yield line
 
 
 def _check_arguments(data_bin, rounds, patience, beam, train_args, source_lang, target_lang):
@@ -234,9 +234,10 @@ def _check_inputs(data_bin, src, tgt, mono, rounds, teacher, teacher_data, valid
     if len(references) != valid_size:
         raise UsageError(f"valid reference file {valid_ref} has {len(references)} lines "
                          f"but subset {VALID_SUBSET!r} has {valid_size} sentences")
-    for path, what in ((student_init, "student checkpoint"), (spm_model, "sentencepiece model")):
-        if path is not None:
-            require_file(path, what)
+    if student_init is not None:
+        check_checkpoint(student_init, "student")
+    if spm_model is not None:
+        require_file(spm_model, "sentencepiece model")
     task = TranslationTask.setup_task(TranslationConfig(data=str(data_bin), source_lang=src, target_lang=tgt))
     checked_mono = _check_mono(mono, rounds, src, task.src_dict)
     try:
@@ -359,6 +360,7 @@ def _keep_best(save_dir, state, rows):
         return
     tmp = save_dir / f".{BEST}.tmp"  # one name: a copy cut short by a kill is overwritten next time
     shutil.copyfile(save_dir / best.checkpoint, tmp)
+    kill_point(BEST)
     os.replace(tmp, save_dir / BEST)
     state["best_round"] = best.round
     _save_state(save_dir, state)

@@ -7,13 +7,15 @@ optimizer, DDP or a saved student checkpoint.
 
 import logging
 import os
-import re
 
 import torch
 from fairseq import checkpoint_utils, models
 from fairseq.data import Dictionary
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import FairseqEncoderDecoderModel
+
+from .cli import one_line
+from .safe_checkpoints import load_error
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,13 @@ def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") else state.get("cfg")
     if cfg is None or cfg.get("model") is None:
         raise TeacherError(f"{role} checkpoint {path} has no model config (args/cfg): not a fairseq checkpoint")
+    # Before the dictionaries: another kind of model (a language model, say) has none to compare.
+    arch = getattr(cfg.model, "_name", None) or getattr(cfg.model, "arch", None)
+    model_class = models.ARCH_MODEL_REGISTRY.get(arch)
+    if model_class is not None and not issubclass(model_class, FairseqEncoderDecoderModel):
+        raise TeacherError(f"{role} {path} is a {model_class.__name__} (arch {arch}, task "
+                           f"{getattr(cfg.get('task'), '_name', None)}), "
+                           "not an encoder-decoder translation model")
     data_dir = teacher_data or str(getattr(cfg.task, "data", None) or "").split(os.pathsep)[0]
     for side, lang, expected in (
         ("source", task.cfg.source_lang, task.src_dict),
@@ -84,7 +93,7 @@ def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     try:
         model = models.build_model(cfg.model, task, from_checkpoint=True)
     except Exception as err:
-        raise TeacherError(f"cannot build {role} model from {path}: {_one_line(err)}") from err
+        raise TeacherError(f"cannot build {role} model from {path}: {one_line(err)}") from err
     if not isinstance(model, FairseqEncoderDecoderModel):
         raise TeacherError(
             f"{role} {path} is a {type(model).__name__}, not an encoder-decoder translation model"
@@ -92,7 +101,7 @@ def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     try:
         model.load_state_dict(state["model"], strict=True, model_cfg=cfg.model)
     except Exception as err:
-        raise TeacherError(f"{role} weights in {path} do not fit its config: {_one_line(err)}") from err
+        raise TeacherError(f"{role} weights in {path} do not fit its config: {one_line(err)}") from err
     logger.info(
         "%s %s: %s, %s parameters, frozen",
         role, path, getattr(cfg.model, "arch", type(model).__name__), f"{sum(p.numel() for p in model.parameters()):,}",
@@ -116,15 +125,4 @@ def _read_checkpoint(path, role):
     try:
         return checkpoint_utils.load_checkpoint_to_cpu(path, load_on_all_ranks=True)
     except Exception as err:
-        refused = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", str(err), re.IGNORECASE)
-        if refused:
-            raise TeacherError(
-                f"{role} checkpoint {path} refused: it asks to load {refused.group(1)}, "
-                "which is not a fairseq checkpoint global (a checkpoint may not run code)"
-            ) from err
-        raise TeacherError(f"cannot read {role} checkpoint {path}: {_one_line(err)}") from err
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"
+        raise TeacherError(load_error(path, role, err)) from err

@@ -35,7 +35,7 @@ from fairseq import utils
 from fairseq.data.indexed_dataset import MMapIndexedDataset
 from tqdm import tqdm
 
-from .cli import UsageError, id_list, make_output_dir, record_run_settings, require_file, run_tool
+from .cli import UsageError, id_list, kill_point, make_output_dir, record_run_settings, require_file, run_tool
 from .data_bin import translation_task
 from .teacher import TeacherError, load_teacher
 
@@ -155,6 +155,7 @@ def _cache_shard(frozen, dataset, start, end, k, ids_dtype, max_tokens, device, 
             for name, array in arrays.items():
                 array[lo:hi] = values[name][row, :hi - lo]
         bar.update(len(batch))
+        kill_point(shard_dir.name)
     for name, per_k, dtype in ARRAYS:
         arrays[name].flush()
         with MMapIndexedDataset.Index.writer(str(partial / f"{name}.idx"), _storage_dtype(dtype or ids_dtype)) as idx:

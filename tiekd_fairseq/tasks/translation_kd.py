@@ -89,6 +89,26 @@ class TranslationKDTask(TranslationTask):
         logger.info("epoch %d: source-only shard %s, %d sentences", epoch, shard, len(mono))
         self.datasets[split] = ParallelWithMono(self.datasets[split], mono, self.cfg.mono_ratio)
 
+    def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
+        """fairseq's filter, with one line instead of a traceback when a sentence is too long and may not be skipped.
+
+        (Source-only sentences are always skipped, and counted, by ``ParallelWithMono``.)
+        """
+        indices, too_long = dataset.filter_indices_by_size(indices, max_positions)
+        if len(too_long) == 0:
+            return indices
+        split = next((name for name, loaded in self.datasets.items() if loaded is dataset), "a subset")
+        first = int(min(too_long))  # fairseq lists them in length order
+        src_len, tgt_len = dataset.size(first)
+        where = (f"{len(too_long)} sentences of {split} in {self.cfg.data} are longer than the max positions "
+                 f"{max_positions} (the first: sentence {first}, line {first + 1} of the binarized text, "
+                 f"{src_len} source and {tgt_len} target tokens)")
+        if not ignore_invalid_inputs:
+            raise SystemExit(f"translation_kd: error: {where}: shorten or drop them, "
+                             "or pass --skip-invalid-size-inputs-valid-test to skip them")
+        logger.warning("skipped: %s", where)
+        return indices
+
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint=from_checkpoint)
         needs_teacher = getattr(criterion, "needs_teacher", False)

@@ -1,0 +1,1 @@
+"""Faults provoked on purpose (bad data, damaged checkpoints, killed processes, DDP); each test is one case."""

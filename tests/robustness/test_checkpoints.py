@@ -1,0 +1,126 @@
+"""Damaged or foreign checkpoints: refused with one line and no code run, or handled."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from fairseq import checkpoint_utils, options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+from fairseq.trainer import Trainer
+
+from test_criterion import build, valid_sample
+from tiekd_fairseq import evaluation
+from tiekd_fairseq.cli import UsageError
+from tiekd_fairseq.iterate import iterate
+from tiekd_fairseq.teacher import TeacherError, load_teacher
+from tiekd_fairseq.teacher_cache import build_teacher_cache
+
+from .helpers import iterate_kwargs, refused
+
+
+@pytest.fixture(scope="module")
+def task(corpus, teacher):
+    return build(corpus.data_bin, teacher)[0]
+
+
+def truncated_copy(path, dest):
+    """What a process killed while writing ``path`` leaves: its first half."""
+    dest.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return dest
+
+
+def iterate_with_student(corpus, teacher, student_init, save_dir):
+    return iterate(**iterate_kwargs(corpus, teacher, save_dir, student_init=student_init))
+
+
+def test_a_truncated_teacher_is_refused_in_one_line(corpus, teacher, task, tmp_path):
+    cut = truncated_copy(teacher, tmp_path / "teacher.pt")
+    message = f"teacher checkpoint {cut} is truncated: its zip archive has no end (a partial write?)"
+    refused(TeacherError, message, load_teacher, str(cut), task)
+    refused(SystemExit, message, build, corpus.data_bin, cut)
+    refused(UsageError, message, build_teacher_cache, corpus.data_bin, "valid", cut, 4, tmp_path / "cache", cpu=True)
+
+
+def test_a_truncated_student_is_refused_before_training_or_decoding(corpus, teacher, tmp_path, capsys):
+    cut = truncated_copy(teacher, tmp_path / "checkpoint_last.pt")
+    refused(UsageError, f"student checkpoint {cut} is truncated: its zip archive has no end (a partial write?)",
+            iterate_with_student, corpus, teacher, cut, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluation.main([str(a) for a in (corpus.data_bin, teacher, cut, "--ref", corpus.root / "raw.test.de",
+                                          "--out", tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"tiekd-eval: error: system checkpoint {cut} is truncated: its zip archive has no end (a partial write?)")
+    assert not (tmp_path / "out").exists()
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(corpus, teacher, tmp_path):
+    marker = tmp_path / "pwned"
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"model": {}, "cfg": None, "payload": _RunsCode(marker)}, crafted)
+    reason = ("refused: it asks to load posix.system, which is not a fairseq checkpoint global "
+              "(a checkpoint may not run code)")
+    refused(SystemExit, f"teacher checkpoint {crafted} {reason}", build, corpus.data_bin, crafted)
+    refused(UsageError, f"student checkpoint {crafted} {reason}", iterate_with_student, corpus, teacher, crafted,
+            tmp_path / "run")
+    # fairseq's own loader, as fairseq-generate uses it, refuses it too once the plugin is imported.
+    with pytest.raises(Exception, match="GLOBAL posix.system"):
+        checkpoint_utils.load_checkpoint_to_cpu(str(crafted))
+    assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def language_model(corpus, tmp_path_factory):
+    """A transformer_lm on the target dictionary, saved by fairseq's trainer as fairseq-train saves it."""
+    root = tmp_path_factory.mktemp("lm")
+    shutil.copy(corpus.data_bin / "dict.de.txt", root / "dict.txt")
+    args = options.parse_args_and_arch(options.get_training_parser(), [
+        str(root), "--task", "language_modeling", "--arch", "transformer_lm", "--decoder-layers", "1",
+        "--decoder-embed-dim", "32", "--decoder-ffn-embed-dim", "64", "--decoder-attention-heads", "2",
+        "--criterion", "cross_entropy", "--optimizer", "adam", "--lr", "1e-3", "--cpu", "--no-save-optimizer-state",
+    ])
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    path = root / "checkpoint_best.pt"
+    Trainer(cfg, task, model, task.build_criterion(cfg.criterion)).save_checkpoint(str(path), {})
+    return path
+
+
+def test_a_language_model_as_teacher_is_refused_naming_what_it_is(corpus, task, language_model):
+    message = (f"teacher {language_model} is a TransformerLanguageModel (arch transformer_lm, task language_modeling), "
+               "not an encoder-decoder translation model")
+    refused(TeacherError, message, load_teacher, str(language_model), task)
+    refused(SystemExit, message, build, corpus.data_bin, language_model)
+
+
+def test_a_teacher_saved_on_cuda_loads_on_this_cpu_and_follows_the_students_precision(teacher, task, tmp_path):
+    state = torch.load(teacher, map_location="cpu")
+    on_cuda = tmp_path / "teacher_cuda.pt"
+    with pytest.MonkeyPatch.context() as patch:
+        # Every storage recorded as a CUDA tensor's, as torch.save writes them from a GPU run.
+        patch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(state, on_cuda)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
+            torch.load(on_cuda)
+    frozen, reference = load_teacher(str(on_cuda), task), load_teacher(str(teacher), task)
+    assert {p.device.type for p in frozen.model.parameters()} == {"cpu"}
+    net_input = valid_sample(task)["net_input"]
+    assert torch.equal(frozen.gold_prefix_lprobs(net_input), reference.gold_prefix_lprobs(net_input))
+    # The student's precision (--bf16 here; on a GPU also its device): the teacher follows on the first step.
+    frozen.follow(torch.zeros(1, dtype=torch.bfloat16))
+    assert {p.dtype for p in frozen.model.parameters()} == {torch.bfloat16}
+    encoder_out = frozen.encode(net_input["src_tokens"], net_input["src_lengths"])
+    logits = frozen.decode(net_input["prev_output_tokens"], encoder_out, net_input["src_lengths"])
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()

@@ -1,0 +1,170 @@
+"""Killed processes: a rerun with the same arguments completes, equal to an uninterrupted run, redoing nothing finished.
+
+Kills are SIGKILLs of the whole process group (the tool and the fairseq process it
+runs), sent when a file shows the tool has reached a step, or sent by the tool to
+itself at a named point (``TIEKD_TEST_KILL_AT``, see ``cli.kill_point``).
+"""
+
+import filecmp
+import json
+import os
+import signal
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import run
+from test_seqkd import SEQKD, seqkd_args
+from test_teacher_cache import CACHE_TOOL, cache_args
+
+from .helpers import alongside, iterate_options, kill, start, wait_for
+
+
+def killed_at(point, argv):
+    """Run ``argv`` with the tool set to SIGKILL itself at ``point``; check that it did."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIEKD_TEST_KILL_AT", point)
+        proc = run(argv, check=False)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    return proc
+
+
+def mtime(path):
+    return path.stat().st_mtime_ns
+
+
+def files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def same_files(root, reference, names):
+    for name in names:
+        assert filecmp.cmp(root / name, reference / name, shallow=False), name
+
+
+# tiekd-iterate: one round, killed at each step in turn, each time resumed by the same command.
+
+@pytest.fixture(scope="module")
+def iterate_runs(corpus, teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("iterate")
+    reference, save_dir = root / "uninterrupted", root / "killed"
+    with alongside(iterate_options(corpus, teacher, reference)[1]):
+        argv = iterate_options(corpus, teacher, save_dir)[1]
+        round_dir, seen = save_dir / "round1", SimpleNamespace()
+        shard = save_dir / "mono" / "shard1" / "train.en-None.en.bin"
+
+        def state():
+            return json.loads((save_dir / "state.json").read_text())
+
+        # 1. During fairseq-train; stopped first, it holds the lock while a second run tries the same folder.
+        proc = start(argv)
+        log = round_dir / "train.log"
+        wait_for(proc, lambda: log.is_file() and "begin training epoch 1" in log.read_text(), "training started")
+        os.killpg(proc.pid, signal.SIGSTOP)
+        seen.concurrent = run(argv, check=False)
+        assert kill(proc) == -signal.SIGKILL
+        seen.in_training = SimpleNamespace(state=state(), shard=mtime(shard))
+
+        # 2. While fairseq-generate decodes the valid subset for BLEU.
+        proc = start(argv)
+        wait_for(proc, lambda: (round_dir / "valid").is_dir(), "decoding started")
+        assert kill(proc) == -signal.SIGKILL
+        seen.in_decoding = SimpleNamespace(state=state(), log=log.read_text(), trained=mtime(log), shard=mtime(shard))
+
+        # 3. While writing rounds.tsv (its temporary file written, not yet renamed).
+        killed_at("rounds.tsv", argv)
+        seen.in_rows = SimpleNamespace(state=state(), trained=mtime(log), files=files(save_dir))
+
+        # 4. While writing SAVE_DIR/checkpoint_best.pt (copied under a temporary name, not yet renamed).
+        killed_at("checkpoint_best.pt", argv)
+        seen.in_best = SimpleNamespace(state=state(), trained=mtime(log), files=files(save_dir),
+                                       rows=(save_dir / "rounds.tsv").read_text(),
+                                       scored=mtime(round_dir / "valid" / "round1.hyp"))
+
+        seen.rerun = run(argv)
+    return SimpleNamespace(reference=reference, save_dir=save_dir, seen=seen)
+
+
+def test_iterate_resumed_after_every_kill_equals_an_uninterrupted_run(iterate_runs):
+    save_dir, reference = iterate_runs.save_dir, iterate_runs.reference
+    assert files(save_dir) == files(reference)  # nothing left over: no temporary file, no partial folder
+    same_files(save_dir, reference, ["rounds.tsv", "round1/valid/round1.hyp"])
+    # The student weights themselves (fairseq also stores wall-clock times in a checkpoint).
+    for name in ("checkpoint_best.pt", "round1/checkpoint_best.pt"):
+        ours, theirs = (torch.load(root / name, map_location="cpu")["model"] for root in (save_dir, reference))
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+
+
+def test_iterate_killed_during_fairseq_train_trains_the_round_again(iterate_runs):
+    seen = iterate_runs.seen
+    assert seen.in_training.state["trained"] == 0
+    assert seen.in_decoding.state["trained"] == 1 and "done training" in seen.in_decoding.log
+    # The shards were binarized once, before the kill, and kept.
+    assert seen.in_decoding.shard == seen.in_training.shard
+
+
+def test_iterate_killed_while_decoding_for_bleu_scores_again_without_training(iterate_runs):
+    seen = iterate_runs.seen
+    assert seen.in_rows.trained == seen.in_decoding.trained
+    assert "rounds.tsv" not in seen.in_rows.files  # the kill came while writing the first row
+
+
+def test_iterate_killed_while_writing_rounds_tsv_leaves_no_partial_file(iterate_runs):
+    seen = iterate_runs.seen
+    assert [name for name in seen.in_rows.files if name.startswith(".rounds.tsv.")]  # the temporary file
+    assert seen.in_best.trained == seen.in_rows.trained
+    assert seen.in_best.rows.count("\n") == 2  # header and round 1, written whole by the rerun
+    assert not [name for name in seen.in_best.files if name.startswith(".rounds.tsv.")]
+
+
+def test_iterate_killed_while_writing_the_best_checkpoint_copies_it_again(iterate_runs):
+    seen, save_dir = iterate_runs.seen, iterate_runs.save_dir
+    assert ".checkpoint_best.pt.tmp" in seen.in_best.files and "checkpoint_best.pt" not in seen.in_best.files
+    assert seen.in_best.state["best_round"] is None
+    assert "1 of 1 rounds already finished" in seen.rerun.stderr
+    # Neither trained nor scored again.
+    assert mtime(save_dir / "round1" / "train.log") == seen.in_best.trained
+    assert mtime(save_dir / "round1" / "valid" / "round1.hyp") == seen.in_best.scored
+    assert json.loads((save_dir / "state.json").read_text())["best_round"] == 1
+
+
+def test_a_second_iterate_on_the_same_save_dir_is_refused_while_the_first_runs(iterate_runs):
+    concurrent = iterate_runs.seen.concurrent
+    assert concurrent.returncode == 2 and "Traceback" not in concurrent.stderr
+    assert concurrent.stderr.splitlines()[-1:] == [
+        f"tiekd-iterate: error: another tiekd-iterate run is using --save-dir {iterate_runs.save_dir} (it holds .lock)"]
+
+
+# tiekd-cache-teacher and tiekd-seqkd, killed in the middle of their second shard.
+
+def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(corpus, teacher, tmp_path):
+    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    with alongside([CACHE_TOOL, *cache_args(corpus, teacher, reference)]):
+        killed_at("shard-00001", [CACHE_TOOL, *cache_args(corpus, teacher, out)])
+        assert sorted(p.name for p in out.iterdir()) == [".shard-00001.partial", "meta.json", "shard-00000"]
+        done = {p: mtime(p) for p in (out / "shard-00000").iterdir()}
+
+        rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
+        assert "3 shards, 1 already cached" in rerun.stderr
+    assert {p: mtime(p) for p in (out / "shard-00000").iterdir()} == done
+    assert files(out) == files(reference)
+    same_files(out, reference, files(reference))
+
+
+def test_seqkd_killed_mid_shard_resumes_at_that_shard(corpus, teacher, tmp_path):
+    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
+    with alongside([SEQKD, *seqkd_args(corpus, teacher, reference)]):
+        proc = start([SEQKD, *seqkd_args(corpus, teacher, out)])
+        # Shard 2's input folder exists while fairseq-generate decodes it.
+        wait_for(proc, lambda: (out / "shards" / ".input-00001").is_dir(), "the second shard started")
+        assert kill(proc) == -signal.SIGKILL
+        first = out / "shards" / "00000.txt"
+        assert first.is_file() and not (out / "shards" / "00001.txt").exists() and not (out / "data-bin").exists()
+        written = mtime(first)
+
+        rerun = run([SEQKD, *seqkd_args(corpus, teacher, out)])
+        assert "2 shards, 1 already decoded" in rerun.stderr
+    assert mtime(first) == written
+    assert files(out) == files(reference)
+    same_files(out, reference, files(reference))
