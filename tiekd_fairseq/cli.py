@@ -73,13 +73,13 @@ def run_fairseq(tool, args, log_path=None):
     return output
 
 
-def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
+def atomic_write(path, write):
+    """Call ``write(f)`` on a binary file in ``path``'s folder, then rename it to ``path``: never half a file there."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         # mkstemp creates 0600; give the file the mode a plain open() would.
@@ -91,6 +91,11 @@ def atomic_write_text(path, text):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path, text):
+    """Write ``text`` (UTF-8) to ``path`` whole, via a temporary file and a rename."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def make_output_dir(out):

@@ -22,12 +22,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .cli import PLUGIN_DIR, UsageError, atomic_write_text, run_tool
+from .cli import PLUGIN_DIR, UsageError, atomic_write, atomic_write_text, run_tool
 from .raw_text import RawTextError, read_parallel, read_lines
 
 REPO = PLUGIN_DIR.parent
@@ -263,9 +264,7 @@ def export_teacher(checkpoint, path):
     slim = {"cfg": state["cfg"], "args": state.get("args"), "model": model,
             "extra_state": {"train_iterator": state["extra_state"]["train_iterator"]},
             "optimizer_history": state["optimizer_history"][-1:], "last_optimizer_state": None}
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(slim, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(slim, f))
 
 
 def train_teacher(data_bin, teacher_dir, profile):
@@ -295,8 +294,9 @@ def write_teacher_card(teacher_dir, log, scores):
         raise RuntimeError(f"no validation in the teacher's training log ({teacher_dir / 'train' / 'train.log'})")
     loss, nll, updates, best = valid[-1]
     epoch = re.findall(r"end of epoch (\d+)", log)
-    # fairseq's wall clock, kept in its checkpoints across resumed runs.
-    minutes = int(re.findall(r"wall=(\d+)", log)[-1]) / 60
+    # From the first to the last line of the log: fairseq's own wall clock restarts when a run resumes.
+    stamps = [datetime.fromisoformat(t) for t in re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|", log, re.M)]
+    minutes = (stamps[-1] - stamps[0]).total_seconds() / 60
     bleu = scores["systems"][0]
     command = " ".join(str(a) for a in ("fairseq-train", "demo-out-full/data/bin", "--user-dir", "tiekd_fairseq",
                                         *teacher_args(), "--max-update", updates))
@@ -310,8 +310,8 @@ and the dictionary fairseq built from them (`dict.txt`):
 {command.replace("(0.9, 0.98)", "'(0.9, 0.98)'")}
 ```
 
-- {updates} updates ({epoch[-1] if epoch else "?"} epochs), {minutes:.0f} minutes of training
-  {"on CUDA" if torch.cuda.is_available() else f"on the CPU ({torch.get_num_threads()} threads)"}.
+- {updates} updates ({epoch[-1] if epoch else "?"} epochs) in {minutes:.0f} minutes (first to last line of
+  the training log) {"on CUDA" if torch.cuda.is_available() else "on the CPU"}.
 - Valid loss of the kept checkpoint (the best): {best} (label-smoothed, base 2); last validation:
   loss {loss}, nll_loss {nll}.
 - Test set (LibreOffice help test split, whole, beam 4, length penalty 0.6): BLEU {bleu["bleu"]["score"]:.2f},
@@ -480,10 +480,8 @@ def bar_chart(bleu, path):
     ax.set_title("LibreOffice help en-de, test set")
     ax.set_ylim(0, max(scores) * 1.15 + 1)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None):

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import re
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from sacrebleu.significance import PairedTest
 from tqdm import tqdm
 
 from . import raw_text, safe_checkpoints  # safe_checkpoints also lets averaging torch.load fairseq checkpoints
-from .cli import GENERATE_FLAGS, UsageError, atomic_write_text, require_file, run_fairseq, run_tool
+from .cli import GENERATE_FLAGS, UsageError, atomic_write, atomic_write_text, require_file, run_fairseq, run_tool
 
 # As in fairseq's average_checkpoints.py: the number is the epoch, or the update with --average-updates.
 CHECKPOINT_PATTERNS = {False: re.compile(r"checkpoint(\d+)\.pt"), True: re.compile(r"checkpoint_\d+_(\d+)\.pt")}
@@ -95,15 +94,7 @@ def average_checkpoints(paths):
 
 def save_checkpoint(state, path):
     """``torch.save`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def restore_order(generate_output, count, what="fairseq-generate"):

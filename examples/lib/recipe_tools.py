@@ -49,32 +49,39 @@ def prepare(out, src, tgt, train, valid, test, mono):
     ``read_parallel``. Every file is strict UTF-8 or the step stops naming the file and line.
     """
     # The plugin package imports fairseq; only the steps that need it pay for the import.
-    from tiekd_fairseq.raw_text import RawTextError, read_lines, read_parallel
+    from tiekd_fairseq.raw_text import RawTextError, iter_lines, read_parallel
 
     out = Path(out)
+    # Streamed: a WMT training corpus can hold tens of millions of lines.
     with open(out / f"train.{src}", "w", encoding="utf-8", newline="\n") as fs, \
             open(out / f"train.{tgt}", "w", encoding="utf-8", newline="\n") as ft:
         for prefix in train:
-            source, target = read_lines(f"{prefix}.{src}"), read_lines(f"{prefix}.{tgt}")
-            if len(source) != len(target):
-                raise RawTextError(f"{prefix}.{src} has {len(source)} lines but {prefix}.{tgt} has {len(target)}; "
-                                   f"they must align line by line")
-            kept = 0
-            for s, t in zip(source, target):
+            total = kept = 0
+            for s, t in itertools.zip_longest(iter_lines(f"{prefix}.{src}"), iter_lines(f"{prefix}.{tgt}")):
+                if s is None or t is None:
+                    longer, shorter = (f"{prefix}.{src}", f"{prefix}.{tgt}") if t is None else \
+                        (f"{prefix}.{tgt}", f"{prefix}.{src}")
+                    raise RawTextError(f"{shorter} ends after {total} lines but {longer} goes on; "
+                                       f"they must align line by line")
+                total += 1
                 s, t = normalise(s), normalise(t)
                 if s and t:
                     fs.write(s + "\n")
                     ft.write(t + "\n")
                     kept += 1
-            print(f"{prefix}: {kept} of {len(source)} pairs kept (the others have an empty side)")
+            print(f"{prefix}: {kept} of {total} pairs kept (the others have an empty side)")
     for split, prefix in (("valid", valid), ("test", test)):
         pairs = read_parallel(f"{prefix}.{src}", f"{prefix}.{tgt}")
         for side, lang in enumerate((src, tgt)):
             write_lines(out / f"{split}.{lang}", (normalise(pair[side]) for pair in pairs))
         print(f"{prefix}: {len(pairs)} pairs")
-    lines = [line for line in map(normalise, read_lines(mono)) if line]
-    write_lines(out / f"mono.{src}", lines)
-    print(f"{mono}: {len(lines)} non-empty lines")
+    kept = 0
+    with open(out / f"mono.{src}", "w", encoding="utf-8", newline="\n") as f:
+        for line in map(normalise, iter_lines(mono)):
+            if line:
+                f.write(line + "\n")
+                kept += 1
+    print(f"{mono}: {kept} non-empty lines")
 
 
 def demo(demo_dir, out, src, tgt, train, test, mono, max_words):
