@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, partial_kd, tie_kd_terms
+from tiekd_fairseq.losses import cached_kd_terms, hierarchical_ranking_loss, kl_divergence, partial_kd, tie_kd_terms
 
 
 def literal_ranking(p, q, k):
@@ -175,3 +175,44 @@ def test_tie_kd_terms_on_half_logits_are_finite_fp32():
     assert kl.dtype == rank.dtype == torch.float32 and torch.isfinite(kl).all() and torch.isfinite(rank).all()
     (kl.sum() + rank.sum()).backward()
     assert s.grad.dtype == torch.float16 and torch.isfinite(s.grad).all()
+
+
+def _cached_top(teacher_lprobs, k):
+    top, ids = teacher_lprobs.topk(k, -1)
+    return ids, top, teacher_lprobs.scatter(-1, ids, -math.inf).logsumexp(-1)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cached_kl_equals_the_bucket_kl_when_the_student_tail_is_tiny_or_not(dtype, normalized):
+    gen = torch.Generator().manual_seed(4)
+    ids, top, tail = _cached_top(torch.log_softmax(torch.randn(6, 40, dtype=torch.float64, generator=gen) * 2, -1), 5)
+    s = torch.randn(6, 40, dtype=torch.float64, generator=gen)
+    # Rows 0-2 put nearly all their mass on the cached tokens: p_tail ~ 1e-6, far below fp32's 1 - sum resolution.
+    s[:3] = s[:3].scatter(-1, ids[:3], 15.0)
+    s.requires_grad_()
+    p = torch.softmax(s, -1)
+    p_tail = p.scatter(-1, ids, 0.0).sum(-1)
+    assert p_tail[:3].max() < 1e-5 and p_tail[3:].min() > 0.1
+    want = (top.exp() * (top - p.gather(-1, ids).log())).sum(-1) + tail.exp() * (tail - p_tail.log())
+    x = s.to(dtype)
+    kl, _ = cached_kd_terms(torch.log_softmax(x, -1) if normalized else x, ids, top.to(dtype), tail.to(dtype), 5,
+                            with_rank=False, normalized=normalized)
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    assert torch.allclose(kl.double(), want, **tol)
+    w = torch.rand(6, dtype=torch.float64, generator=gen)
+    got = torch.autograd.grad((w.to(dtype) * kl).sum(), s)[0]
+    assert torch.allclose(got, torch.autograd.grad((w * want).sum(), s)[0], **tol)
+
+
+def test_cached_terms_from_log_probs_equal_those_from_logits_with_the_ranking_loss():
+    gen = torch.Generator().manual_seed(5)
+    ids, top, tail = _cached_top(torch.log_softmax(torch.randn(3, 4, 30, dtype=torch.float64, generator=gen), -1), 6)
+    s = (torch.randn(3, 4, 30, dtype=torch.float64, generator=gen) * 3).requires_grad_()
+    from_logits = cached_kd_terms(s, ids, top, tail, 4)
+    from_lprobs = cached_kd_terms(torch.log_softmax(s, -1), ids, top, tail, 4, normalized=True)
+    w = torch.rand(2, 3, 4, dtype=torch.float64, generator=gen)
+    for a, b in zip(from_logits, from_lprobs):
+        assert torch.allclose(a, b, atol=1e-12)
+    grads = [torch.autograd.grad((w[0] * kl + w[1] * rank).sum(), s)[0] for kl, rank in (from_logits, from_lprobs)]
+    assert torch.allclose(*grads, atol=1e-12) and from_logits[1].gt(0).any()

@@ -10,6 +10,7 @@ prefix, the student's pass n-1 argmax shifted right], with the teacher
 decoding the same prefix. Each encoder runs once per step.
 """
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -24,7 +25,9 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.logging import metrics
 
 from ..greedy import greedy_decode, prefix_and_target
-from ..losses import cached_kd_terms, tie_kd_terms
+from ..losses import cached_kd_terms, max_rows_for_budget, row_chunks, tie_kd_terms
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +40,11 @@ class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     kd_temperature: float = field(
         default=1.0,
         metadata={"help": "temperature tau of the KL term only (both sides softened, KL scaled by tau^2)"},
+    )
+    kd_memory_budget: int = field(
+        default=2048,
+        metadata={"help": "MiB for the KD terms' dense fp32 temporaries (positions x vocabulary); a batch that "
+                          "needs more is computed over chunks of positions, with the same result; 0: never chunk"},
     )
 
 
@@ -83,6 +91,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         kd_iterations,
         rank_weight,
         kd_temperature,
+        kd_memory_budget=2048,
         ignore_prefix_size=0,
         report_accuracy=False,
     ):
@@ -93,11 +102,14 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         self.require_flag(kd_iterations >= 1, f"--kd-iterations must be >= 1, got {kd_iterations}")
         self.require_flag(rank_weight >= 0, f"--rank-weight must be >= 0, got {rank_weight}")
         self.require_flag(kd_temperature > 0, f"--kd-temperature must be > 0, got {kd_temperature}")
+        self.require_flag(kd_memory_budget >= 0, f"--kd-memory-budget must be >= 0 (MiB), got {kd_memory_budget}")
         self.alpha = kd_alpha
         self.topk = kd_topk
         self.iterations = kd_iterations
         self.rank_weight = rank_weight
         self.temperature = kd_temperature
+        self.memory_budget = kd_memory_budget * 2**20
+        self._chunking_logged = self._skip_logged = False
 
     def require_flag(self, ok, message):
         """Stop before training with one line naming the flag."""
@@ -125,17 +137,30 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         if self.task.teacher_cache is not None:
             cached = [t.to(target.device) for t in self.task.teacher_cache.batch(sample["id"], target.size(1),
                                                                                     self.padding_idx)]
-        kd, rank, (net_output, teacher_top1), lprobs = self._kd_passes(
+        kd, rank, (net_output, teacher_top1), lprobs, nonfinite = self._kd_passes(
             model, teacher, sample["net_input"], target, mask, need_lprobs=True, cached=cached
         )
         ce, nll = self._gold_loss(lprobs, target)
-        agreement = self._agreement(net_output[0].detach().argmax(dim=-1), teacher_top1, target, mask)
-        loss = (1 - self.alpha) * ce + self.alpha * (kd + self.rank_weight * rank)
+        if nonfinite:
+            # The KD graph stays out of the loss: its backward would turn the NaNs into NaN gradients (0 * NaN).
+            loss, kd_logs = (1 - self.alpha) * ce, self._skipped(nonfinite)
+        else:
+            loss = (1 - self.alpha) * ce + self.alpha * (kd + self.rank_weight * rank)
+            kd_logs = dict(kd=kd.data, rank=rank.data,
+                           **self._agreement(net_output[0], teacher_top1, target, mask))
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
         return loss, sample_size, self._logging_output(
             loss=loss.data, nll_loss=nll.data, ntokens=sample["ntokens"], nsentences=sample["target"].size(0),
-            sample_size=sample_size, kd=kd.data, rank=rank.data, **agreement,
+            sample_size=sample_size, **kd_logs,
         )
+
+    def _skipped(self, nonfinite):
+        """Logging values of a batch whose KD term was dropped for a non-finite teacher output."""
+        if not self._skip_logged:
+            logger.warning("%s: the teacher's output is not finite at %d positions of a batch: its KD term is "
+                           "skipped (CE only); skipped batches are counted as kd_skipped", self.name, nonfinite)
+            self._skip_logged = True
+        return {"kd_skipped": 1}
 
     def _mono_forward(self, model, sample, teacher):
         """A source-only batch: the prefix writer decodes greedily, then KD alone (there is no gold, no CE).
@@ -158,14 +183,21 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         prev, target = prefix_and_target(hyps, eos=eos, pad=self.padding_idx)
         mask = target.ne(self.padding_idx)
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev}
-        kd, rank, _, _ = self._kd_passes(model, teacher, net_input, target, mask, self.kd_needs_lprobs)
-        loss = self.alpha * (kd + self.rank_weight * rank)
-        tokens = int(mask.sum())
-        sample_size = src_tokens.size(0) if self.sentence_avg else tokens
+        kd, rank, (net_output, _), _, nonfinite = self._kd_passes(model, teacher, net_input, target, mask,
+                                                                  self.kd_needs_lprobs)
+        if nonfinite:
+            # Nothing to learn from this batch: a zero loss (zero gradients) that weighs nothing in the update.
+            loss, sample_size, kd_logs = net_output[0].sum() * 0, 0, self._skipped(nonfinite)
+        else:
+            loss = self.alpha * (kd + self.rank_weight * rank)
+            tokens = int(mask.sum())
+            sample_size = src_tokens.size(0) if self.sentence_avg else tokens
+            kd_logs = dict(kd_mono=kd.data, rank_mono=rank.data, mono_tokens=tokens,
+                           mono_sentences=src_tokens.size(0))
         # ntokens 0: nll_loss and ppl stay about gold tokens.
         return loss, sample_size, self._logging_output(
             loss=loss.data, nll_loss=0.0, ntokens=0, nsentences=src_tokens.size(0), sample_size=sample_size,
-            kd_mono=kd.data, rank_mono=rank.data, mono_tokens=tokens, mono_sentences=src_tokens.size(0),
+            **kd_logs,
         )
 
     def _logging_output(self, **values):
@@ -176,7 +208,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         parallel and a source-only batch must agree on both: KD values are tensors on
         the loss's device, zeros where a kind of batch has none.
         """
-        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold"] + ["rank"] * bool(self.rank_weight)
+        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold", "kd_skipped"] + ["rank"] * bool(self.rank_weight)
         if self.task.mono_shards:
             keys += ["kd_mono", "mono_tokens", "mono_sentences"] + ["rank_mono"] * bool(self.rank_weight)
         device = values["loss"].device
@@ -189,9 +221,10 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         """The N passes from ``net_input``'s prefix.
 
         Returns (KD sum / N, ranking sum / N, (pass-1 output, teacher's pass-1 argmax),
-        pass-1 log-probs or None). Pass 1 is one forward through the (possibly
-        DDP-wrapped) model; its encoder output is captured for the later passes, which
-        call the decoder alone. ``cached`` (ids, log-probs, tail) replaces the teacher
+        pass-1 log-probs or None, the number of positions of any pass, padding included,
+        whose KL or ranking term is not finite: the teacher's output had a NaN or inf).
+        Pass 1 is one forward through the (possibly DDP-wrapped) model; its encoder output
+        is captured for the later passes, which call the decoder alone. ``cached`` (ids, log-probs, tail) replaces the teacher
         on pass 1; later passes decode new prefixes, so they run the teacher.
         """
         src_lengths = net_input["src_lengths"]
@@ -205,7 +238,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         needs_teacher = cached is None or self.iterations > 1
         teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths) if needs_teacher else None
         prev, lprobs = first_prev, None
-        kd_sum = rank_sum = 0.0
+        kd_sum = rank_sum = nonfinite = 0
         for n in range(self.iterations):
             if n > 0:
                 prev = student_prefix(first_prev, predictions, self.padding_idx)
@@ -214,7 +247,9 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             if n == 0 and need_lprobs:
                 lprobs = model.get_normalized_probs(net_output, log_probs=True)
             if n == 0 and cached is not None:
-                kl, rank = cached_kd_terms(student_logits, *cached, self.topk, self.rank_weight > 0)
+                # The CE's log-probs: the cached terms need them at a few tokens only, and share their backward.
+                kl, rank = cached_kd_terms(lprobs, *cached, self.topk, self.rank_weight > 0, normalized=True,
+                                           max_rows=max_rows_for_budget(lprobs.size(-1), self.memory_budget))
                 first = (net_output, cached[0][..., 0])
             else:
                 teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
@@ -223,15 +258,31 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                     first = (net_output, teacher_logits.argmax(dim=-1))
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
+            # Padding positions count too: masked out of the value, their NaNs would still reach the gradient.
+            nonfinite = nonfinite + (~torch.isfinite(kl + rank)).sum()
             if n + 1 < self.iterations:
                 # A predicted pad would be masked out of the next prefix: take the runner-up there.
                 top2 = student_logits.detach().topk(2, dim=-1).indices
                 predictions = torch.where(top2[..., 0].eq(self.padding_idx), top2[..., 1], top2[..., 0])
-        return kd_sum / self.iterations, rank_sum / self.iterations, first, lprobs
+        return kd_sum / self.iterations, rank_sum / self.iterations, first, lprobs, int(nonfinite)
 
     def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
         """Per-position (KL, ranking) for one pass, from the logits (no dense softmax kept)."""
-        return tie_kd_terms(student_logits, teacher_logits, self.topk, self.temperature, self.rank_weight > 0)
+        return tie_kd_terms(student_logits, teacher_logits, self.topk, self.temperature, self.rank_weight > 0,
+                            max_rows=self.max_rows(student_logits))
+
+    def max_rows(self, logits):
+        """Positions per chunk of the KD terms under --kd-memory-budget (None: all at once); logs the first split."""
+        vocab = logits.size(-1)
+        rows, max_rows = logits.numel() // vocab, max_rows_for_budget(vocab, self.memory_budget)
+        if max_rows is None or rows <= max_rows:
+            return None
+        if not self._chunking_logged:
+            logger.info("%s: the KD terms of %d positions x %d vocabulary exceed --kd-memory-budget %d MiB: "
+                        "computed in %d chunks of up to %d positions (logged once)", self.name, rows, vocab,
+                        self.memory_budget // 2**20, len(row_chunks(rows, max_rows)), max_rows)
+            self._chunking_logged = True
+        return max_rows
 
     def _gold_loss(self, lprobs, target):
         lprobs = lprobs[:, self.ignore_prefix_size :]
@@ -241,11 +292,17 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
         )
 
     @staticmethod
-    def _agreement(student_top1, teacher_top1, target, mask):
-        """Counts over the KD positions: student argmax = teacher's, and teacher argmax = gold."""
+    def _agreement(student_logits, teacher_top1, target, mask):
+        """Counts over the KD positions: student argmax = teacher's, and teacher argmax = gold.
+
+        The student agrees where its logit at the teacher's top-1 is its maximum: a max over
+        the vocabulary is several times cheaper than an argmax, and differs only on exact ties.
+        """
+        student_logits = student_logits.detach()
+        agrees = student_logits.gather(-1, teacher_top1.unsqueeze(-1)).squeeze(-1) >= student_logits.amax(dim=-1)
         return {
             "kd_tokens": mask.sum(),
-            "top1_agree": (student_top1.eq(teacher_top1) & mask).sum(),
+            "top1_agree": (agrees & mask).sum(),
             "teacher_gold": (teacher_top1.eq(target) & mask).sum(),
         }
 
@@ -257,7 +314,8 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             # Only source-only batches: there is a loss but no gold token for nll_loss.
             loss_sum = utils.item(sum(log.get("loss", 0) for log in logging_outputs))
             sample_size = utils.item(sum(log.get("sample_size", 0) for log in logging_outputs))
-            metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+            if sample_size:  # 0 when every batch was skipped
+                metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
         # kd, rank: nats / probability gaps per target token; top1_agree, teacher_gold: % of tokens.
         for denominator, keys in (
             ("kd_tokens", (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2))),
@@ -270,6 +328,9 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
                 if any(key in log for log in logging_outputs):
                     total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
                     metrics.log_scalar(key, scale * total / tokens, tokens, round=digits)
+        skipped = utils.item(sum(log.get("kd_skipped", 0) for log in logging_outputs))
+        if skipped:
+            metrics.log_scalar_sum("kd_skipped", skipped)
         mono_sentences = sum(log.get("mono_sentences", 0) for log in logging_outputs)
         if mono_sentences:
             metrics.log_scalar_sum("mono_sents", mono_sentences)

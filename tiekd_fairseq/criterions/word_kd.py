@@ -39,12 +39,14 @@ class WordKDCriterion(TieKDCriterion):
         kd_temperature,
         kd_target,
         kd_topk,
+        kd_memory_budget=2048,
         ignore_prefix_size=0,
         report_accuracy=False,
     ):
         super().__init__(
             task, sentence_avg, label_smoothing, kd_alpha, kd_topk, kd_iterations=1, rank_weight=0.0,
-            kd_temperature=kd_temperature, ignore_prefix_size=ignore_prefix_size, report_accuracy=report_accuracy,
+            kd_temperature=kd_temperature, kd_memory_budget=kd_memory_budget, ignore_prefix_size=ignore_prefix_size,
+            report_accuracy=report_accuracy,
         )
         self.require_flag(
             kd_target == "full" or kd_temperature == 1,

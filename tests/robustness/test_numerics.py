@@ -1,0 +1,285 @@
+"""Extreme numbers: fp16/bf16 logits of +-1e4, ties, one-hot teachers, and a teacher whose output is NaN or inf.
+
+The loss functions stay finite (and close to float64 math) with finite gradients; a batch on
+which the teacher's output is not finite loses its KD term, is counted as ``kd_skipped``, and
+never puts a NaN into the student's gradients.
+"""
+
+import math
+import re
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fairseq import checkpoint_utils
+from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
+
+from conftest import kd_train_args, run
+from test_criterion import build, valid_sample
+from tiekd_fairseq.losses import (
+    cached_kd_terms,
+    hierarchical_ranking_loss,
+    kl_divergence,
+    partial_kd,
+    tie_kd_terms,
+)
+
+V = 64
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _one_hot(index, low, high=1e4):
+    row = torch.full((3, V), low)
+    row[:, index] = high
+    return row
+
+
+def _signs(seed):
+    return (torch.randint(0, 2, (3, V), generator=torch.Generator().manual_seed(seed)) * 2 - 1).float()
+
+
+# (student logits, teacher logits), before the cast to the tested dtype.
+CASES = {
+    "logits +-1e4": lambda: (_signs(0) * 1e4, _signs(1) * 1e4),
+    "all equal": lambda: (torch.zeros(3, V), torch.zeros(3, V)),
+    "all equal at +-1e4": lambda: (torch.full((3, V), 1e4), torch.full((3, V), -1e4)),
+    "one-hot teacher, -inf elsewhere": lambda: (torch.randn(3, V) * 3, _one_hot(3, -math.inf, 0.0)),
+    "one-hot teacher, gap 2e4": lambda: (torch.randn(3, V) * 3, _one_hot(3, -1e4)),
+    "one-hot student on another token": lambda: (_one_hot(7, -1e4), _one_hot(3, -1e4)),
+}
+
+
+def _inputs(case, dtype):
+    torch.manual_seed(0)
+    s, t = CASES[case]()
+    s, t = s.to(dtype), t.to(dtype)
+    return s, t, s.double(), t.double()  # the float64 reference sees the same rounded numbers
+
+
+def _value_and_grad(fn, s):
+    x = s.clone().requires_grad_()
+    values = fn(x)
+    values = values if isinstance(values, tuple) else (values,)
+    grad = torch.autograd.grad(sum(v.sum() for v in values), x)[0]
+    return values, grad
+
+
+def _check(got, want, grad):
+    for g, w in zip(got, want):
+        assert torch.isfinite(g).all(), g
+        assert torch.allclose(g.double(), w, rtol=1e-4, atol=1e-3), (g, w)
+    assert torch.isfinite(grad).all()
+
+
+def _kl_and_ranking_on_probabilities(s, t, s64, t64):
+    dtype = s.dtype
+    lq = F.log_softmax(t.float(), -1).to(dtype)
+    got, grad = _value_and_grad(lambda x: kl_divergence(F.log_softmax(x.float(), -1).to(dtype), lq), s)
+    _check(got, [kl_divergence(F.log_softmax(s.float(), -1).to(dtype).double(), lq.double())], grad)
+    q = lq.float().exp().to(dtype)
+    got, grad = _value_and_grad(lambda x: hierarchical_ranking_loss(F.softmax(x.float(), -1).to(dtype), q, 5), s)
+    _check(got, [hierarchical_ranking_loss(F.softmax(s.float(), -1).to(dtype).double(), q.double(), 5)], grad)
+
+
+def _tie_kd_terms_from_logits(s, t, s64, t64):
+    for tau in (1.0, 2.0):
+        got, grad = _value_and_grad(lambda x: tie_kd_terms(x, t, 5, tau), s)
+        want_kl = tau**2 * kl_divergence(F.log_softmax(s64 / tau, -1), F.log_softmax(t64 / tau, -1))
+        want_rank = hierarchical_ranking_loss(F.softmax(s64, -1), F.softmax(t64, -1), 5)
+        _check(got, [want_kl, want_rank], grad)
+        assert grad.dtype == s.dtype
+
+
+def _cached_terms(s, t, s64, t64):
+    lq = F.log_softmax(t64, -1)
+    top, ids = lq.topk(8, -1)
+    tail = lq.scatter(-1, ids, -math.inf).logsumexp(-1)
+    top, tail = top.half(), tail.half()  # as the cache stores them
+    want = cached_kd_terms(s64, ids, top.double(), tail.double(), 5)
+    for normalized in (False, True):
+        got, grad = _value_and_grad(lambda x: cached_kd_terms(
+            F.log_softmax(x.float(), -1) if normalized else x, ids, top, tail, 5, normalized=normalized), s)
+        _check(got, want, grad)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loss_functions_stay_finite_with_finite_gradients(case):
+    """kl_divergence, the ranking loss, tie_kd_terms (tau 1, 2) and cached_kd_terms, in fp16, bf16 and fp32."""
+    for dtype in DTYPES:
+        for check in (_kl_and_ranking_on_probabilities, _tie_kd_terms_from_logits, _cached_terms):
+            try:
+                check(*_inputs(case, dtype))
+            except AssertionError as err:
+                raise AssertionError(f"{check.__name__} in {dtype}: {err}") from err
+
+
+def test_partial_kd_ignores_tokens_the_teacher_rules_out_even_at_minus_inf():
+    # One-hot teacher; the student puts -inf on two of the teacher's (zero-mass) top-3 tokens.
+    log_q = F.log_softmax(_one_hot(3, -math.inf, 0.0)[:1], -1)
+    s = torch.zeros(1, V)
+    s[0, :2] = -math.inf
+    log_p = F.log_softmax(s, -1)
+    for mode in ("top1", "topk"):
+        value = partial_kd(log_p, log_q, torch.tensor([3]), mode, k=3)
+        assert value.item() == pytest.approx(math.log(V - 2))
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_non_finite_teacher_shows_in_the_kl_value_of_its_row_only(bad):
+    s, t = torch.randn(3, V) * 3, torch.randn(3, V) * 3
+    t[1, 5] = bad
+    lq = F.log_softmax(t, -1)
+    top, ids = lq.topk(8, -1)
+    tail = lq.scatter(-1, ids, -math.inf).logsumexp(-1)
+    values = {
+        "kl_divergence": kl_divergence(F.log_softmax(s, -1), lq),
+        "tie_kd_terms": tie_kd_terms(s, t, 5)[0],
+        "cached_kd_terms": cached_kd_terms(s, ids, top, tail, 5)[0],
+        **{f"partial_kd {mode}": partial_kd(F.log_softmax(s, -1), lq, torch.tensor([0, 1, 2]), mode)
+           for mode in ("full", "top1", "no-top1", "topk")},
+    }
+    for name, value in values.items():
+        assert torch.isfinite(value).tolist() == [True, False, True], name
+
+
+# ---- the criterion, in process: a teacher output that is not finite on one batch ----
+
+def _poison(logits, prev, pad, kind):
+    """Teacher logits made non-finite: one entry at a padding position, a whole row, or -inf everywhere on a row."""
+    logits = logits.clone()
+    if kind == "nan at padding":
+        row, col = prev.eq(pad).nonzero()[0].tolist()
+        logits[row, col, 5] = math.nan
+    elif kind == "+inf row":
+        logits[0, 1] = math.inf
+    elif kind == "-inf row":
+        logits[1, 0] = -math.inf
+    return logits
+
+
+@pytest.fixture(scope="module")
+def kd_setup(corpus, teacher):
+    task, model, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "2", "--kd-alpha", "0.5")
+    return task, model, criterion, valid_sample(task)
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("poisoned_pass", [0, 1])
+@pytest.mark.parametrize("kind", ["nan at padding", "+inf row", "-inf row"])
+def test_a_non_finite_teacher_output_drops_the_batch_kd_and_counts_it(kd_setup, kind, poisoned_pass, monkeypatch):
+    task, model, criterion, sample = kd_setup
+    pad = task.tgt_dict.pad()
+    assert sample["net_input"]["prev_output_tokens"].eq(pad).any()  # the padding case has a place to hit
+    decode, calls = task.teacher.decode, []
+
+    def poisoned(prev, encoder_out, src_lengths):
+        logits = decode(prev, encoder_out, src_lengths)
+        calls.append(kind)
+        return _poison(logits, prev, pad, kind) if len(calls) - 1 == poisoned_pass else logits
+
+    monkeypatch.setattr(task.teacher, "decode", poisoned)
+    model.train()
+    torch.manual_seed(5)
+    loss, sample_size, log = criterion(model, sample)
+    grads = _grads(model, loss)
+    torch.manual_seed(5)
+    ce, _, _ = LabelSmoothedCrossEntropyCriterion(task, False, 0.1)(model, sample)
+    assert len(calls) == 2
+    assert loss.item() == pytest.approx(0.5 * ce.item(), rel=1e-6)  # (1 - alpha) * CE, no KD
+    assert sample_size == sample["ntokens"]
+    assert log["kd_skipped"] == 1 and log["kd_tokens"] == 0 and log["kd"] == 0 and log["top1_agree"] == 0
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)
+
+
+def test_a_finite_batch_counts_no_skip(kd_setup):
+    task, model, criterion, sample = kd_setup
+    model.train()
+    _, _, log = criterion(model, sample)
+    assert log["kd_skipped"] == 0 and log["kd_tokens"] > 0 and log["kd"] > 0
+
+
+def test_a_non_finite_cached_teacher_drops_the_batch_kd(corpus, teacher, kd_setup):
+    task, model, _, sample = kd_setup
+    cached_task, _, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "1")
+    target = sample["target"]
+    lq = F.log_softmax(task.teacher.model(**sample["net_input"])[0].float(), -1)
+    top, ids = lq.topk(8, -1)
+    tail = lq.scatter(-1, ids, -math.inf).logsumexp(-1)
+    top[2, 3, 1] = math.nan  # a damaged cache entry
+
+    class Cache:
+        def batch(self, sample_ids, target_length, pad):
+            assert target_length == target.size(1)
+            return ids, top, tail
+
+    cached_task.teacher_cache = Cache()
+    model.train()
+    loss, _, log = criterion(model, sample)
+    assert log["kd_skipped"] == 1 and torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in _grads(model, loss))
+
+
+def test_a_non_finite_source_only_batch_weighs_nothing(kd_setup, monkeypatch):
+    task, model, criterion, sample = kd_setup
+    net_input = sample["net_input"]
+    mono = {"id": sample["id"], "nsentences": len(sample["id"]), "ntokens": 0, "mono": True, "target": None,
+            "net_input": {"src_tokens": net_input["src_tokens"], "src_lengths": net_input["src_lengths"]}}
+    decode = task.teacher.decode
+    monkeypatch.setattr(task.teacher, "decode", lambda *a: decode(*a).fill_(math.nan))
+    model.train()
+    loss, sample_size, log = criterion(model, mono)
+    assert loss.item() == 0 and sample_size == 0 and log["kd_skipped"] == 1
+    grads = _grads(model, loss)
+    assert grads and all(g.eq(0).all() for g in grads)
+
+
+# ---- fairseq-train: the skips are counted in the log, the student stays finite ----
+
+POISONING_TRAIN = '''
+import math, sys
+from fairseq_cli.train import cli_main  # first: it sets fairseq's log format
+from tiekd_fairseq.teacher import Teacher
+
+poison = {int(call): kind for call, kind in (item.split(":") for item in sys.argv.pop(1).split(","))}
+calls = [0]
+decode = Teacher.decode
+
+
+def poisoned(self, prev_output_tokens, encoder_out, src_lengths):
+    logits = decode(self, prev_output_tokens, encoder_out, src_lengths)
+    kind = poison.get(calls[0])
+    calls[0] += 1
+    if kind == "nan":
+        logits[-1, -1, 0] = math.nan
+    elif kind == "inf":
+        logits[0] = math.inf
+    return logits
+
+
+Teacher.decode = poisoned
+cli_main()
+'''
+
+
+def test_fairseq_train_skips_and_counts_batches_with_a_non_finite_teacher(corpus, teacher, tmp_path):
+    script = tmp_path / "poisoning_train.py"
+    script.write_text(POISONING_TRAIN)
+    save = tmp_path / "student"
+    # Two decoder passes a step: step 1 pass 2, step 3 pass 1 and step 4 pass 2 meet a broken teacher.
+    proc = run([sys.executable, script, "1:nan,4:inf,7:nan",
+                *kd_train_args(corpus.data_bin, teacher, save, "--kd-iterations", "2", "--max-update", "6",
+                               "--train-subset", "valid", "--max-tokens", "1024")])
+    log = proc.stdout + proc.stderr
+    last = [line for line in log.splitlines() if "| train |" in line][-1]
+    assert "num_updates 6" in last
+    assert re.search(r"\| kd_skipped 3 \|", last), last
+    assert "the teacher's output is not finite" in log
+    params = checkpoint_utils.load_checkpoint_to_cpu(str(save / "checkpoint_last.pt"))["model"]
+    assert all(torch.isfinite(v).all() for v in params.values() if v.is_floating_point())
