@@ -237,7 +237,7 @@ class TieKDCriterion(LabelSmoothedCrossEntropyCriterion):
             hook.remove()
         needs_teacher = cached is None or self.iterations > 1
         teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths) if needs_teacher else None
-        prev, lprobs = first_prev, None
+        prev, lprobs, predictions = first_prev, None, None
         kd_sum = rank_sum = nonfinite = 0
         for n in range(self.iterations):
             if n > 0:
