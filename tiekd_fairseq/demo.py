@@ -62,7 +62,7 @@ PROFILES = {
                        iterate_updates=150, tie_kd_iterations=1, bootstrap_samples=1000),
     "full": Profile(train_pairs=0, valid_pairs=0, test_pairs=0, mono_sentences=0, student_updates=2000,
                     iterate_updates=1000, tie_kd_iterations=3, bootstrap_samples=1000, train_teacher=True,
-                    teacher_updates=2400),
+                    teacher_updates=2028),  # 12 epochs
 }
 
 VOCAB_SIZE = 6000
@@ -228,22 +228,27 @@ def _fairseq(tool, args, log_path, desc, total=None):
         raise RuntimeError(f"fairseq-{tool} exited with {code} (log: {log_path}):\n{tail}")
 
 
-def _drop_damaged_last(save_dir):
-    """Remove a ``checkpoint_last.pt`` cut short by a kill (fairseq copies it in place), so training can resume."""
+def _updates_done(save_dir):
+    """Updates in ``checkpoint_last.pt``, 0 without one; a file cut short by a kill (fairseq copies it in place)
+    is removed, so that training starts again instead of stopping on it."""
     last = Path(save_dir) / "checkpoint_last.pt"
-    if last.is_file():
-        try:
-            torch.load(last, map_location="cpu")
-        except Exception:  # any unreadable file: fairseq would stop on it with a traceback
-            logger.warning("%s is damaged (interrupted while written); removed", last)
-            last.unlink()
+    if not last.is_file():
+        return 0
+    try:
+        return torch.load(last, map_location="cpu")["optimizer_history"][-1]["num_updates"]
+    except Exception:  # any unreadable file: fairseq would stop on it with a traceback
+        logger.warning("%s is damaged (interrupted while written); removed", last)
+        last.unlink()
+        return 0
 
 
 def train(data_bin, save_dir, args, updates, desc):
     """fairseq-train into ``save_dir`` for ``updates`` updates, resuming from its last checkpoint."""
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
-    _drop_damaged_last(save_dir)
+    # fairseq resumed at its --max-update still makes one more update.
+    if _updates_done(save_dir) >= updates:
+        return
     _fairseq("train", [
         data_bin, "--user-dir", PLUGIN_DIR, *args, "--max-update", updates, "--save-dir", save_dir,
         "--no-epoch-checkpoints", "--save-interval-updates", max(updates // 4, 5), "--keep-interval-updates", 1,
@@ -283,17 +288,15 @@ def train_teacher(data_bin, teacher_dir, profile):
     write_teacher_card(teacher_dir, (run_dir / "train.log").read_text(), scores)
 
 
-VALID_LINE = re.compile(r"valid on 'valid' subset \| loss ([\d.]+) \| nll_loss ([\d.]+) .*\| num_updates (\d+) "
-                        r"\| best_loss ([\d.]+)")
+BEST_LINE = re.compile(r"Saved checkpoint \S*checkpoint_best\.pt \(epoch (\d+) @ (\d+) updates, score ([\d.]+)\)")
 
 
 def write_teacher_card(teacher_dir, log, scores):
     """``TEACHER.md``: how the shipped teacher was made and how good it is."""
-    valid = VALID_LINE.findall(log)
-    if not valid:
-        raise RuntimeError(f"no validation in the teacher's training log ({teacher_dir / 'train' / 'train.log'})")
-    loss, nll, updates, best = valid[-1]
-    epoch = re.findall(r"end of epoch (\d+)", log)
+    best = BEST_LINE.findall(log)
+    if not best:
+        raise RuntimeError(f"no best checkpoint in the teacher's training log ({teacher_dir / 'train' / 'train.log'})")
+    epoch, updates, loss = best[-1]
     # From the first to the last line of the log: fairseq's own wall clock restarts when a run resumes.
     stamps = [datetime.fromisoformat(t) for t in re.findall(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \|", log, re.M)]
     minutes = (stamps[-1] - stamps[0]).total_seconds() / 60
@@ -310,10 +313,9 @@ and the dictionary fairseq built from them (`dict.txt`):
 {command.replace("(0.9, 0.98)", "'(0.9, 0.98)'")}
 ```
 
-- {updates} updates ({epoch[-1] if epoch else "?"} epochs) in {minutes:.0f} minutes (first to last line of
-  the training log) {"on CUDA" if torch.cuda.is_available() else "on the CPU"}.
-- Valid loss of the kept checkpoint (the best): {best} (label-smoothed, base 2); last validation:
-  loss {loss}, nll_loss {nll}.
+- {updates} updates ({epoch} epochs) in {minutes:.0f} minutes (first to last line of the training log)
+  {"on CUDA" if torch.cuda.is_available() else "on the CPU"}.
+- The kept checkpoint is the one of best valid loss: {loss} (label-smoothed cross-entropy, base 2).
 - Test set (LibreOffice help test split, whole, beam 4, length penalty 0.6): BLEU {bleu["bleu"]["score"]:.2f},
   chrF {bleu["chrf"]["score"]:.2f}.
   - `{scores["signatures"]["bleu"]}`
