@@ -497,7 +497,7 @@ def _main(argv):
                     "compared on its test set. A rerun skips finished stages.")
     parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     parser.add_argument("--profile", default="default", choices=PROFILES,
-                        help="tiny: minutes, for tests; default: the shipped teacher, about 20 minutes on 2 CPU "
+                        help="tiny: minutes, for tests; default: the shipped teacher, about 11 minutes on 2 CPU "
                              "cores; full: trains sentencepiece, dictionary and teacher too, hours on CPU")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
