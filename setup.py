@@ -17,6 +17,7 @@ setup(
             "tiekd-seqkd=tiekd_fairseq.seqkd:main",
             "tiekd-iterate=tiekd_fairseq.iterate:main",
             "tiekd-cache-teacher=tiekd_fairseq.teacher_cache:main",
+            "tiekd-export-teacher=tiekd_fairseq.export_teacher:main",
             "tiekd-demo=tiekd_fairseq.demo:main",
         ]
     },

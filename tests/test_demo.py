@@ -1,5 +1,6 @@
 """`make demo`'s pipeline in the tiny profile: every stage with the shipped teacher, the report, resuming, skipping."""
 
+import hashlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run
+from conftest import REPO, run
 from tiekd_fairseq.cli import UsageError
 from tiekd_fairseq.demo import DEMO_DIR, ITERATED, STUDENTS, Demo
 
@@ -31,17 +32,31 @@ def _kill_when(proc, log, text, timeout=600):
     proc.wait()
 
 
-def test_tiny_demo_resumes_after_a_kill_reports_and_skips_finished_stages(tmp_path):
+def _clone(folder):
+    """The project's files (tracked, and new ones git does not ignore) copied into ``folder``, nothing else."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.splitlines()
+    for name in files:
+        if (REPO / name).is_file():
+            (folder / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, folder / name)
+    return folder
+
+
+def test_tiny_demo_from_a_clone_in_a_new_folder_resumes_after_a_kill_and_skips_finished_stages(tmp_path):
+    clone = _clone(tmp_path / "new" / "tiekd-fairseq")
     out = tmp_path / "demo"
-    cmd = [str(TOOL), "--profile", "tiny", "--out", str(out)]
+    # The clone's own package and files: python -m puts its folder first on sys.path.
+    cmd = [sys.executable, "-m", "tiekd_fairseq.demo", "--profile", "tiny", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Killed (with its fairseq-train) once word_kd has saved a mid-run checkpoint, update 5 of 12.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=clone)
     _kill_when(proc, out / "word_kd" / "train.log", "@ 5 updates")
     assert not (out / "stages" / "word_kd.done").exists()
+    assert json.loads((out / "settings.json").read_text())["teacher"] == str(clone / "examples/demo/teacher/teacher.pt")
 
-    second = run(cmd)
+    second = run(cmd, cwd=clone)
     assert "[1/8] data: done before, skipped" in second.stdout
     assert "[2/8] ce: done before, skipped" in second.stdout
     for stage in STAGES[2:]:
@@ -63,7 +78,7 @@ def test_tiny_demo_resumes_after_a_kill_reports_and_skips_finished_stages(tmp_pa
         assert f"| {name} | [0, 0.4) |" in report
 
     report_time = (out / "results.md").stat().st_mtime_ns
-    third = run(cmd)
+    third = run(cmd, cwd=clone)
     for number, stage in enumerate(STAGES, 1):
         assert f"[{number}/8] {stage}: done before, skipped" in third.stdout
     assert (out / "results.md").stat().st_mtime_ns == report_time
@@ -85,3 +100,47 @@ def test_an_unknown_profile_is_one_line():
     proc = run([TOOL, "--profile", "huge"], check=False)
     assert proc.returncode == 2
     assert "invalid choice: 'huge'" in proc.stderr
+
+
+def _demo_with_changed_teacher(tmp_path, name, change):
+    """Run the tiny demo from a clone whose shipped teacher file ``name`` became ``change(bytes)``, checksums
+    renewed. Returns (process, the clone's teacher folder, the demo's output folder)."""
+    shipped = _clone(tmp_path / "clone") / "examples" / "demo" / "teacher"
+    (shipped / name).write_bytes(change((shipped / name).read_bytes()))
+    lines = [f"{hashlib.sha256((shipped / n).read_bytes()).hexdigest()}  {n}\n"
+             for n in ("teacher.pt", "dict.en.txt", "dict.de.txt", "spm.model")]
+    (shipped / "SHA256SUMS").write_text("".join(lines))
+    out = tmp_path / "out"
+    proc = run([sys.executable, "-m", "tiekd_fairseq.demo", "--profile", "tiny", "--out", out], check=False,
+               cwd=tmp_path / "clone")
+    return proc, shipped, out
+
+
+def _swap_lines_10_and_11(data):
+    lines = data.decode().splitlines(keepends=True)
+    lines[10], lines[11] = lines[11], lines[10]
+    return "".join(lines).encode()
+
+
+def test_a_failing_fairseq_stage_is_one_line_naming_the_stage_its_error_and_its_log(tmp_path):
+    proc, shipped, out = _demo_with_changed_teacher(tmp_path, "dict.de.txt", _swap_lines_10_and_11)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    first, second = (line.split()[0] for line in (shipped / "dict.de.txt").read_text().splitlines()[10:12])
+    error = (f"translation_kd: error: teacher target dictionary {shipped}/dict.de.txt differs from the task's: "
+             f"first difference at index 14: teacher has {first!r}, task has {second!r}")
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"make demo: stage word_kd failed: {error} (log: {out}/word_kd/train.log)")
+    assert (out / "word_kd" / "train.log").read_text().strip().splitlines()[-1] == error
+    assert (out / "stages" / "ce.done").is_file() and not (out / "stages" / "word_kd.done").exists()
+
+
+def test_a_failing_stage_inside_the_demo_is_one_line_with_the_traceback_in_its_log(tmp_path):
+    proc, _, out = _demo_with_changed_teacher(tmp_path, "spm.model", lambda data: data[: len(data) // 2])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"make demo: stage data failed: \w+: .+ \(log: {re.escape(str(out))}/stages/data\.log\)",
+                        last), last
+    assert "Traceback" in (out / "stages" / "data.log").read_text()
+    assert not (out / "stages" / "data.done").exists()

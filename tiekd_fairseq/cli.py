@@ -5,13 +5,17 @@ function that tests call directly; bad input raises ``UsageError``, which the
 shell prints as one line before any expensive work starts.
 """
 
+import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from tqdm import tqdm
 
 
 PLUGIN_DIR = Path(__file__).resolve().parent
@@ -54,23 +58,61 @@ def require_file(path, what):
     return Path(path)
 
 
-def run_fairseq(tool, args, log_path=None):
-    """Run ``fairseq_cli.<tool>`` (train, generate, preprocess, ...) with this Python.
+class ToolFailed(RuntimeError):
+    """A command exited non-zero; ``line`` is its own last output line, ``log`` the file with all of it (or None)."""
 
-    Output goes to ``log_path`` when given (else it is captured); a failure raises
-    RuntimeError with the last lines of that output. Returns the captured stdout.
+    def __init__(self, command, code, line, log=None, output=""):
+        self.line, self.log, self.output = line, log, output
+        super().__init__(f"{command} exited with {code}: {line}" + (f" (log: {log})" if log else ""))
+
+
+def last_line(text):
+    """The last non-blank line of ``text``, stripped ('' if none)."""
+    return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
+
+
+UPDATES = re.compile(r"num_updates[\"=:\s]+(\d+)")
+
+
+def run_fairseq(tool, args, log_path=None, progress=None):
+    """Run ``fairseq_cli.<tool>`` (train, generate, preprocess, ...) with this Python; failure raises ToolFailed.
+
+    Args:
+        tool: the module of ``fairseq_cli`` to run.
+        args: its command-line arguments (converted with ``str``).
+        log_path: where the command line and its output (stdout and stderr) are appended; None captures them
+            and returns the stdout.
+        progress: ``(description, total updates)`` for a progress bar that follows a training run's log.
     """
     cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *[str(a) for a in args]]
     if log_path is None:
         proc = subprocess.run(cmd, capture_output=True, text=True)
-        output, tail = proc.stdout, (proc.stdout + proc.stderr)[-3000:]
-    else:
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-        output = tail = Path(log_path).read_text()[-3000:]
-    if proc.returncode != 0:
-        raise RuntimeError(f"fairseq-{tool} exited with {proc.returncode}:\n{tail}")
-    return output
+        if proc.returncode != 0:
+            output = proc.stdout + proc.stderr
+            raise ToolFailed(f"fairseq-{tool}", proc.returncode, last_line(proc.stderr) or last_line(proc.stdout),
+                             output=output[-3000:])
+        return proc.stdout
+    desc, total = progress or (tool, None)
+    bar = tqdm(total=total, desc=desc, unit="upd", leave=False, disable=total is None)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        # Unbuffered: the progress bar moves as fairseq logs, not when a pipe buffer fills.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        tail = ""
+        for line in proc.stdout:
+            log.write(line)
+            log.flush()
+            tail = line if line.strip() else tail
+            found = UPDATES.findall(line)
+            if found:
+                bar.update(int(found[-1]) - bar.n)
+        code = proc.wait()
+    bar.close()
+    if code != 0:
+        raise ToolFailed(f"fairseq-{tool}", code, tail.strip(), log=log_path)
+    return None
 
 
 def atomic_write(path, write):
@@ -119,6 +161,15 @@ def record_run_settings(plan_path, plan):
     else:
         plan_path.parent.mkdir(exist_ok=True)
         atomic_write_text(plan_path, json.dumps(plan, indent=1) + "\n")
+
+
+def sha256_file(path):
+    """The SHA-256 of a file's bytes, as hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def id_list(ids, shown=20):

@@ -2,7 +2,7 @@
 
 The corpus is LibreOffice help (English-German, ``examples/demo/data``); the
 source-only text of the iterative stage is English Ding dictionary sentences.
-The teacher, its sentencepiece model and dictionary ship in
+The teacher, its sentencepiece model and dictionaries ship in
 ``examples/demo/teacher`` (checked against ``SHA256SUMS`` before use); the
 ``full`` profile trains all three anew with the same commands.
 
@@ -12,29 +12,27 @@ interrupted goes on from its last checkpoint (fairseq's ``checkpoint_last.pt``).
 """
 
 import argparse
-import hashlib
 import json
 import logging
-import os
 import re
 import shutil
-import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
-from .cli import PLUGIN_DIR, UsageError, atomic_write, atomic_write_text, run_tool
+from .cli import PLUGIN_DIR, UsageError, atomic_write, atomic_write_text, one_line, run_fairseq, run_tool
+from .export_teacher import verify_checksums
 from .raw_text import RawTextError, read_parallel, read_lines
 
 REPO = PLUGIN_DIR.parent
 DEMO_DIR = REPO / "examples" / "demo"
 SRC, TGT = "en", "de"
-TEACHER_FILES = ("spm.model", "dict.txt", "teacher.pt")
+TEACHER_FILES = ("teacher.pt", f"dict.{SRC}.txt", f"dict.{TGT}.txt", "spm.model")
 logger = logging.getLogger(__name__)
 
 
@@ -69,6 +67,7 @@ VOCAB_SIZE = 6000
 # Longest segment kept for training, in sentencepiece tokens on either side (96% of the pairs).
 MAX_LEN = 64
 SEED = 1
+LOG_FORMAT = "%(asctime)s | %(levelname)s | %(name)s | %(message)s"
 
 
 def transformer(encoder_layers, decoder_layers, dim, ffn, heads, dropout):
@@ -93,8 +92,15 @@ TEACHER_SCHEDULE = ("--lr", 1e-3, "--warmup-updates", 400, "--max-tokens", 4096)
 STUDENT_SCHEDULE = ("--lr", 2e-3, "--warmup-updates", 100, "--max-tokens", 2048)
 
 
+class StageFailed(Exception):
+    """A stage ended in an error; the message is one line: the stage, the tool's own error line, the log."""
+
+
 class Stages:
-    """Done-markers in ``out/stages``: a stage runs once; a rerun skips it."""
+    """Done-markers in ``out/stages``: a stage runs once; a rerun skips it.
+
+    Each stage's own logging, and the traceback of a failure, go to ``out/stages/<name>.log``.
+    """
 
     def __init__(self, out, names):
         self.dir = Path(out) / "stages"
@@ -111,32 +117,24 @@ class Stages:
             return
         print(f"{number} {name}", flush=True)
         start = time.monotonic()
-        work()
+        log = self.dir / f"{name}.log"
+        handler = logging.FileHandler(log)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger().addHandler(handler)
+        try:
+            work()
+        except Exception as err:
+            with open(log, "a") as f:
+                f.write(getattr(err, "output", ""))
+                traceback.print_exc(file=f)
+            line = getattr(err, "line", None) or (str(err) if isinstance(err, UsageError) else one_line(err))
+            raise StageFailed(f"stage {name} failed: {line} (log: {getattr(err, 'log', None) or log})") from None
+        finally:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
         seconds = time.monotonic() - start
         atomic_write_text(self.dir / f"{name}.done", f"{seconds:.0f}\n")
         print(f"{number} {name}: finished in {seconds / 60:.1f} min", flush=True)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_teacher(teacher_dir):
-    """Check the teacher files against ``SHA256SUMS``; one line naming the file that differs or is missing."""
-    sums = Path(teacher_dir) / "SHA256SUMS"
-    if not sums.is_file():
-        raise UsageError(f"{sums} does not exist: no shipped teacher (make demo PROFILE=full trains one)")
-    expected = dict(reversed(line.split()) for line in sums.read_text().splitlines() if line.strip())
-    for name in TEACHER_FILES:
-        path = Path(teacher_dir) / name
-        if not path.is_file():
-            raise UsageError(f"{path} does not exist")
-        if sha256(path) != expected.get(name):
-            raise UsageError(f"{path} does not match its checksum in {sums}: the file is damaged or was replaced")
 
 
 def _encode(sp, lines):
@@ -152,8 +150,8 @@ def prepare_data(corpus, vocab_dir, data_dir, profile):
 
     Writes ``data_dir/bin`` (fairseq data-bin), the raw references ``{valid,test}.de``
     and the source-only text ``mono.en``. When ``vocab_dir`` has no sentencepiece
-    model yet (the full profile), trains it on the training pairs and keeps the
-    dictionary fairseq builds.
+    model yet (the full profile), trains it on the training pairs, and fairseq
+    builds the dictionary.
     """
     import sentencepiece as spm
 
@@ -186,7 +184,7 @@ def prepare_data(corpus, vocab_dir, data_dir, profile):
             _write_lines(data_dir / f"{split}.sp.{lang}", [encoded[i][side] for i in keep])
         _write_lines(data_dir / f"{split}.{TGT}", [split_pairs[i][1] for i in keep])
     _write_lines(data_dir / f"mono.{SRC}", mono[: profile.mono_sentences or None])
-    dictionary = vocab_dir / "dict.txt"
+    dictionary = vocab_dir / f"dict.{SRC}.txt"
     bin_dir = data_dir / "bin"
     shutil.rmtree(bin_dir, ignore_errors=True)
     args = ["--source-lang", SRC, "--target-lang", TGT, "--joined-dictionary", "--workers", 2,
@@ -194,38 +192,7 @@ def prepare_data(corpus, vocab_dir, data_dir, profile):
             "--testpref", data_dir / "test.sp", "--destdir", bin_dir]
     if dictionary.is_file():
         args += ["--srcdict", dictionary]
-    _fairseq("preprocess", args, data_dir / "preprocess.log", "binarize")
-    if not dictionary.is_file():
-        shutil.copyfile(bin_dir / f"dict.{SRC}.txt", dictionary)
-
-
-UPDATES = re.compile(r"num_updates[\"=:\s]+(\d+)")
-
-
-def _fairseq(tool, args, log_path, desc, total=None):
-    """Run ``fairseq_cli.<tool>``, its output into ``log_path``; a progress bar follows the updates of a training run.
-
-    A failure raises RuntimeError with the end of the log.
-    """
-    cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *[str(a) for a in args]]
-    bar = tqdm(total=total, desc=desc, unit="upd", leave=False, disable=total is None)
-    with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        # Unbuffered: the progress bar moves as fairseq logs, not when a pipe buffer fills.
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        for line in proc.stdout:
-            log.write(line)
-            log.flush()
-            found = UPDATES.findall(line)
-            if found:
-                bar.update(int(found[-1]) - bar.n)
-        code = proc.wait()
-    bar.close()
-    if code != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise RuntimeError(f"fairseq-{tool} exited with {code} (log: {log_path}):\n{tail}")
+    run_fairseq("preprocess", args, data_dir / "preprocess.log")
 
 
 def _updates_done(save_dir):
@@ -249,12 +216,12 @@ def train(data_bin, save_dir, args, updates, desc):
     # fairseq resumed at its --max-update still makes one more update.
     if _updates_done(save_dir) >= updates:
         return
-    _fairseq("train", [
+    run_fairseq("train", [
         data_bin, "--user-dir", PLUGIN_DIR, *args, "--max-update", updates, "--save-dir", save_dir,
         "--no-epoch-checkpoints", "--save-interval-updates", max(updates // 4, 5), "--keep-interval-updates", 1,
         "--log-format", "simple", "--log-interval", 10, "--num-workers", 0,
         *(() if torch.cuda.is_available() else ("--cpu",)),
-    ], save_dir / "train.log", desc, total=updates)
+    ], save_dir / "train.log", progress=(desc, updates))
 
 
 def teacher_args():
@@ -262,29 +229,19 @@ def teacher_args():
             *TEACHER_ARCH, *OPTIMIZER, *TEACHER_SCHEDULE)
 
 
-def export_teacher(checkpoint, path):
-    """The checkpoint's weights in fp16 with its configuration, without optimizer state (a fraction of the size)."""
-    state = torch.load(checkpoint, map_location="cpu")
-    model = {k: v.half() if v.is_floating_point() else v for k, v in state["model"].items()}
-    slim = {"cfg": state["cfg"], "args": state.get("args"), "model": model,
-            "extra_state": {"train_iterator": state["extra_state"]["train_iterator"]},
-            "optimizer_history": state["optimizer_history"][-1:], "last_optimizer_state": None}
-    atomic_write(path, lambda f: torch.save(slim, f))
-
-
 def train_teacher(data_bin, teacher_dir, profile):
-    """Train the teacher; keep its best checkpoint in fp16 as ``teacher.pt``, a card ``TEACHER.md`` and ``SHA256SUMS``."""
+    """Train the teacher and export its best checkpoint in fp16 with dictionaries, sentencepiece model and card."""
     from .evaluation import evaluate
+    from .export_teacher import export_teacher
 
     teacher_dir, data_dir = Path(teacher_dir), Path(data_bin).parent
     run_dir = teacher_dir / "train"
     train(data_bin, run_dir, teacher_args(), profile.teacher_updates, "teacher")
-    export_teacher(run_dir / "checkpoint_best.pt", teacher_dir / "teacher.pt")
+    export_teacher(run_dir / "checkpoint_best.pt", teacher_dir, teacher_data=data_bin,
+                   spm_model=teacher_dir / "spm.model", fp16=True)
     scores = evaluate(data_bin, [teacher_dir / "teacher.pt"], data_dir / f"test.{TGT}", run_dir / "test",
                       names=["teacher"], subset="test", spm_model=teacher_dir / "spm.model",
                       cpu=not torch.cuda.is_available())
-    atomic_write_text(teacher_dir / "SHA256SUMS",
-                      "".join(f"{sha256(teacher_dir / name)}  {name}\n" for name in TEACHER_FILES))
     write_teacher_card(teacher_dir, (run_dir / "train.log").read_text(), scores)
 
 
@@ -307,7 +264,7 @@ def write_teacher_card(teacher_dir, log, scores):
 
 Trained by `make demo PROFILE=full` (stage `teacher`) on the LibreOffice help training pairs of at most
 {MAX_LEN} sentencepiece tokens a side, with a joint sentencepiece model of {VOCAB_SIZE} pieces (`spm.model`)
-and the dictionary fairseq built from them (`dict.txt`):
+and the joint dictionary fairseq built from them (`dict.en.txt`, `dict.de.txt`):
 
 ```
 {command.replace("(0.9, 0.98)", "'(0.9, 0.98)'")}
@@ -320,8 +277,10 @@ and the dictionary fairseq built from them (`dict.txt`):
   chrF {bleu["chrf"]["score"]:.2f}.
   - `{scores["signatures"]["bleu"]}`
   - `{scores["signatures"]["chrf"]}`
-- `teacher.pt` holds the weights in fp16 and no optimizer state; `make demo` checks all three files
-  against `SHA256SUMS` before it uses them.
+- Exported by `tiekd-export-teacher --fp16`: `teacher.pt` holds the weights in fp16, no optimizer state and
+  no path of the machine that trained it (its data, save and user dirs are cleared), and `spm.model` no
+  training path; the dictionaries sit beside `teacher.pt`, where `--teacher-path` finds them. `make demo`
+  checks the four files against `SHA256SUMS` before it uses them.
 """
     atomic_write_text(Path(teacher_dir) / "TEACHER.md", text)
 
@@ -365,7 +324,7 @@ class Demo:
 
     def run(self):
         if not self.profile.train_teacher:
-            verify_teacher(self.teacher_dir)
+            verify_checksums(self.teacher_dir, TEACHER_FILES)
         self.stages = Stages(self.out, self.stage_names)
         settings = self.out / "settings.json"
         mine = {"profile": self.profile_name, "teacher": str(self.teacher.resolve())}
@@ -500,9 +459,15 @@ def _main(argv):
                         help="tiny: minutes, for tests; default: the shipped teacher, about 11 minutes on 2 CPU "
                              "cores; full: trains sentencepiece, dictionary and teacher too, hours on CPU")
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO,
-                        stream=sys.stdout)
-    Demo(args.out, args.profile).run()
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO, stream=sys.stdout)
+    try:
+        Demo(args.out, args.profile).run()
+    except StageFailed as err:
+        print(f"make demo: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        print("make demo: interrupted; run it again to go on from the stage it was in", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

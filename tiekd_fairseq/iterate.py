@@ -54,7 +54,7 @@ from .evaluation import evaluate, read_lines, subset_size
 from .mono_shards import MonoDataError, check_shard
 from .raw_text import iter_lines
 from .safe_checkpoints import check_checkpoint
-from .teacher import TeacherError, load_teacher
+from .teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
 
 STATE, ROWS, BEST, LOCK = "state.json", "rounds.tsv", "checkpoint_best.pt", ".lock"
 HEADER = "round\tvalid_bleu\tvalid_chrf\tcheckpoint\n"
@@ -392,8 +392,7 @@ def _main(argv):
                         help="stop after this many rounds without a valid BLEU gain (default: 2)")
     parser.add_argument("--student-init", help="checkpoint whose weights round 1 starts from (default: scratch)")
     parser.add_argument("--spm-model", help="sentencepiece model: encodes raw --mono text, detokenizes valid output")
-    parser.add_argument("--teacher-data", help="folder of the teacher's dictionaries "
-                        "(default: the data directory saved in the teacher checkpoint)")
+    parser.add_argument("--teacher-data", help=TEACHER_DATA_HELP)
     parser.add_argument("--source-lang", help="default: inferred from the data-bin")
     parser.add_argument("--target-lang", help="default: inferred from the data-bin")
     parser.add_argument("--beam", type=int, default=4, help="beam of the valid decoding (default: 4)")

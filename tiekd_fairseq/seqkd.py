@@ -29,7 +29,7 @@ from .cli import (
     run_fairseq,
     run_tool,
 )
-from .teacher import TeacherError, load_teacher
+from .teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
 
 DEFAULT_SHARD_SIZE = 50000
 logger = logging.getLogger(__name__)
@@ -227,6 +227,5 @@ def _main(argv):
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU")
     parser.add_argument("--source-lang", help="default: from the subset's file names")
     parser.add_argument("--target-lang", help="default: from the subset's file names")
-    parser.add_argument("--teacher-data", help="folder of the teacher's dictionaries "
-                        "(default: the data directory saved in the teacher checkpoint)")
+    parser.add_argument("--teacher-data", help=TEACHER_DATA_HELP)
     build_seqkd_data(**vars(parser.parse_args(argv)))

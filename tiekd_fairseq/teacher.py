@@ -19,6 +19,9 @@ from .safe_checkpoints import load_error
 
 logger = logging.getLogger(__name__)
 
+TEACHER_DATA_HELP = ("folder of the teacher's dict.SRC.txt and dict.TGT.txt (default: the teacher checkpoint's "
+                     "folder, then the data dir recorded in it)")
+
 
 class TeacherError(Exception):
     """A teacher that cannot be used; the message is one line naming the file or symbol."""
@@ -60,10 +63,9 @@ class Teacher:
 def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
     """Build the teacher from the config saved in its checkpoint, after checking its dictionaries.
 
-    The dictionaries are read from ``teacher_data`` or else the data directory
-    the teacher was trained on (checkpoints do not store them), and must equal
-    the task's symbol by symbol. ``role`` names the model in messages (tools
-    that load students frozen, for analysis, use this too).
+    The dictionaries come from ``dictionary_folder`` and must equal the task's
+    symbol by symbol. ``role`` names the model in messages (tools that load
+    students frozen, for analysis, use this too).
     """
     state = _read_checkpoint(path, role)
     cfg = convert_namespace_to_omegaconf(state["args"]) if state.get("args") else state.get("cfg")
@@ -76,17 +78,13 @@ def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
         raise TeacherError(f"{role} {path} is a {model_class.__name__} (arch {arch}, task "
                            f"{getattr(cfg.get('task'), '_name', None)}), "
                            "not an encoder-decoder translation model")
-    data_dir = teacher_data or str(getattr(cfg.task, "data", None) or "").split(os.pathsep)[0]
+    data_dir = dictionary_folder(path, getattr(cfg.task, "data", None), (task.cfg.source_lang, task.cfg.target_lang),
+                                 teacher_data, role)
     for side, lang, expected in (
         ("source", task.cfg.source_lang, task.src_dict),
         ("target", task.cfg.target_lang, task.tgt_dict),
     ):
         dict_path = os.path.join(data_dir, f"dict.{lang}.txt")
-        if not os.path.isfile(dict_path):
-            raise TeacherError(
-                f"{role} {side} dictionary {dict_path} not found (checkpoints do not store dictionaries)"
-                + (f": pass --teacher-data DIR holding the teacher's dict.{lang}.txt" if role == "teacher" else "")
-            )
         diff = dictionary_difference(expected, Dictionary.load(dict_path), role)
         if diff:
             raise TeacherError(f"{role} {side} dictionary {dict_path} differs from the task's: {diff}")
@@ -107,6 +105,31 @@ def load_teacher(path, task, teacher_data=None, role="teacher") -> Teacher:
         role, path, getattr(cfg.model, "arch", type(model).__name__), f"{sum(p.numel() for p in model.parameters()):,}",
     )
     return Teacher(model)
+
+
+def dictionary_folder(path, recorded_data, langs, teacher_data=None, role="teacher") -> str:
+    """The first folder holding ``dict.{lang}.txt`` for both ``langs`` of the model in checkpoint ``path``.
+
+    Checkpoints do not store dictionaries. Looked for, in order: ``teacher_data``
+    (``--teacher-data``); the checkpoint's own folder, where fairseq's released
+    models keep them; ``recorded_data``, the data dir recorded in the checkpoint.
+    """
+    if teacher_data is not None and not os.path.isdir(teacher_data):
+        raise TeacherError(f"--teacher-data {teacher_data} is not a folder")
+    recorded = str(recorded_data or "").split(os.pathsep)[0]
+    places = [
+        ("--teacher-data", teacher_data),
+        ("the checkpoint's folder", os.path.dirname(os.path.abspath(path))),
+        ("the data dir recorded in the checkpoint", recorded or None),
+    ]
+    names = [f"dict.{lang}.txt" for lang in dict.fromkeys(langs)]
+    tried = [(what, folder) for what, folder in places if folder is not None]
+    for _, folder in tried:
+        if all(os.path.isfile(os.path.join(folder, name)) for name in names):
+            return folder
+    hint = "; pass --teacher-data DIR holding them" if role == "teacher" else ""
+    raise TeacherError(f"{role} dictionaries {' and '.join(names)} not found (checkpoints do not store them) in "
+                       + ", ".join(f"{what} {folder}" for what, folder in tried) + hint)
 
 
 def dictionary_difference(expected: Dictionary, found: Dictionary, found_name="teacher") -> str:

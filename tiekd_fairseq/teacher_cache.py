@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .cli import UsageError, id_list, kill_point, make_output_dir, record_run_settings, require_file, run_tool
 from .data_bin import translation_task
-from .teacher import TeacherError, load_teacher
+from .teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
 
 FORMAT = "tiekd-teacher-cache/1"
 DEFAULT_SHARD_SIZE = 50000
@@ -297,8 +297,7 @@ def _main(argv):
     parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
                         help=f"sentences per shard, the unit of resumption (default: {DEFAULT_SHARD_SIZE})")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--teacher-data", help="folder of the teacher's dictionaries "
-                        "(default: the data directory saved in the teacher checkpoint)")
+    parser.add_argument("--teacher-data", help=TEACHER_DATA_HELP)
     args = parser.parse_args(argv)
     build_teacher_cache(args.data_bin, args.subset, args.teacher, args.topk, args.out, max_tokens=args.max_tokens,
                         shard_size=args.shard_size, cpu=args.cpu, teacher_data=args.teacher_data)

@@ -10,7 +10,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 from ..mono_shards import MonoDataError, ParallelWithMono, check_shard, load_shard
-from ..teacher import TeacherError, load_teacher
+from ..teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
 from ..teacher_cache import TeacherCache, TeacherCacheError
 
 logger = logging.getLogger(__name__)
@@ -24,7 +24,7 @@ class TranslationKDConfig(TranslationConfig):
     )
     teacher_data: Optional[str] = field(
         default=None,
-        metadata={"help": "directory with the teacher's dict.{src,tgt}.txt; default: the data dir saved in its checkpoint"},
+        metadata={"help": TEACHER_DATA_HELP},
     )
     teacher_cache: Optional[str] = field(
         default=None,
