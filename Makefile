@@ -24,6 +24,7 @@ $(STAMP): requirements/build.txt requirements/fairseq.txt requirements/runtime.t
 	touch $@
 
 test: $(STAMP)
+	$(BIN)/ruff check --quiet .
 	$(BIN)/python -m pytest -q tests
 
 # Benchmarks measure and print ratios; they are not tests.
@@ -32,7 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/kd_step.py
 
 demo: $(STAMP)
-	$(BIN)/tiekd-demo --profile $(PROFILE) --out $(DEMO_OUT)
+	$(BIN)/python examples/demo/run_demo.py --profile $(PROFILE) --out $(DEMO_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -7,18 +7,17 @@ setup(
     name="tiekd-fairseq",
     version="0.1.0",
     description="TIE-KD: top-1 information enhanced knowledge distillation for fairseq",
-    packages=find_packages(include=["tiekd_fairseq", "tiekd_fairseq.*"]),
+    packages=find_packages(include=["tiekd", "tiekd_fairseq", "tiekd_fairseq.*", "tiekd_cli"]),
     python_requires=">=3.9",
     install_requires=["torch>=2.0", "numpy", "sacrebleu>=2.0", "sentencepiece"],
     entry_points={
         "console_scripts": [
-            "tiekd-eval=tiekd_fairseq.evaluation:main",
-            "tiekd-analyze=tiekd_fairseq.analysis:main",
-            "tiekd-seqkd=tiekd_fairseq.seqkd:main",
-            "tiekd-iterate=tiekd_fairseq.iterate:main",
-            "tiekd-cache-teacher=tiekd_fairseq.teacher_cache:main",
-            "tiekd-export-teacher=tiekd_fairseq.export_teacher:main",
-            "tiekd-demo=tiekd_fairseq.demo:main",
+            "tiekd-eval=tiekd_cli.eval:main",
+            "tiekd-analyze=tiekd_cli.analyze:main",
+            "tiekd-seqkd=tiekd_cli.seqkd:main",
+            "tiekd-iterate=tiekd_cli.iterate:main",
+            "tiekd-cache-teacher=tiekd_cli.cache_teacher:main",
+            "tiekd-export-teacher=tiekd_cli.export_teacher:main",
         ]
     },
 )

@@ -1,12 +1,12 @@
 """What the teacher cache costs in quality: word_kd students trained from a top-K cache against the online teacher.
 
-    python benchmarks/cache_quality.py [--demo-out demo-out] [--topk 8 32]
+    python benchmarks/cache_quality.py [--demo-out demo-out] [--kd-topk 8 32]
 
 Needs a finished ``make demo`` run in ``--demo-out``: its data, its teacher and its
 ``word_kd`` student (trained with the online teacher) are reused. For each K,
 caches the teacher's top-K on the training set with ``tiekd-cache-teacher``'s
 library function, trains a ``word_kd`` student from it with the demo's exact
-arguments and budget (``--teacher-cache`` in place of ``--teacher-path``), and
+arguments and budget (``--teacher-cache`` in place of ``--teacher``), and
 scores all of them on the test set with tiekd-eval (paired bootstrap against the
 online student). Writes ``<demo-out>/cache_quality/results.md`` and prints it.
 """
@@ -17,17 +17,18 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tiekd_fairseq.demo import PROFILES, TGT, Demo, student_args, train  # noqa: E402
-from tiekd_fairseq.evaluation import evaluate  # noqa: E402
-from tiekd_fairseq.teacher_cache import build_teacher_cache  # noqa: E402
+from tiekd_cli.cache_teacher import build_teacher_cache
+from tiekd_cli.eval import evaluate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "demo"))
+from run_demo import PROFILES, TGT, Demo, student_args, train  # noqa: E402
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--demo-out", default="demo-out", help="folder of a finished make demo run")
     parser.add_argument("--profile", default="default", choices=PROFILES, help="profile of that run")
-    parser.add_argument("--topk", type=int, nargs="+", default=[8, 32], help="cache sizes K to try")
+    parser.add_argument("--kd-topk", type=int, nargs="+", default=[8, 32], help="cache sizes K to try")
     args = parser.parse_args()
     demo = Demo(args.demo_out, args.profile)
     online = demo.checkpoint("word_kd")
@@ -36,7 +37,7 @@ def main():
     out = Path(args.demo_out) / "cache_quality"
     cpu = not torch.cuda.is_available()
     systems = [("word_kd online", online)]
-    for k in args.topk:
+    for k in args.kd_topk:
         cache = build_teacher_cache(demo.data_bin, "train", demo.teacher, k, out / f"cache-K{k}", cpu=cpu)
         student = out / f"word_kd-K{k}"
         if not (student / "checkpoint_last.pt").is_file() or "done training" not in (student / "train.log").read_text():

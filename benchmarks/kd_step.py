@@ -71,8 +71,8 @@ def _build(preset, name, device, fp16):
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
     from fairseq.models import build_model
 
+    from tiekd_fairseq.frozen_model import FrozenModel
     from tiekd_fairseq.tasks.translation_kd import TranslationKDTask
-    from tiekd_fairseq.teacher import Teacher
 
     spec = PRESETS[preset]
     dictionary = Dictionary()
@@ -93,15 +93,17 @@ def _build(preset, name, device, fp16):
     torch.manual_seed(0)
     dtype = torch.float16 if fp16 else torch.float32
     student = task.build_model(cfg.model).to(device=device, dtype=dtype)
-    task.teacher = Teacher(build_model(parse(spec["teacher"]).model, task).to(device=device, dtype=dtype))
+    task.teacher = FrozenModel(build_model(parse(spec["teacher"]).model, task).to(device=device, dtype=dtype))
     criterion = task.build_criterion(cfg.criterion)
     gen = torch.Generator().manual_seed(1)
     n, length = spec["sentences"], spec["length"]
     tokens = torch.randint(dictionary.nspecial, len(dictionary), (n, length), generator=gen)
     target = torch.cat([tokens[:, 1:], torch.full((n, 1), dictionary.eos())], dim=1)
     sample = {
-        "net_input": {"src_tokens": tokens.to(device), "src_lengths": torch.full((n,), length, device=device),
-                      "prev_output_tokens": torch.cat([torch.full((n, 1), dictionary.eos()), target[:, :-1]], 1).to(device)},
+        "net_input": {
+            "src_tokens": tokens.to(device), "src_lengths": torch.full((n,), length, device=device),
+            "prev_output_tokens": torch.cat([torch.full((n, 1), dictionary.eos()), target[:, :-1]], 1).to(device),
+        },
         "target": target.to(device), "ntokens": n * length, "nsentences": n, "id": torch.arange(n),
     }
     if name.endswith("cached"):
@@ -175,7 +177,7 @@ def main(argv=None):
     cached = results["word_kd cached"]["tokens_per_s"] / ce["tokens_per_s"]
     print(f"kd_step: tie_kd_N1/word_kd time_ratio={ratio:.2f} word_kd_cached/ce throughput_ratio={cached:.2f}")
     if args.json:
-        from tiekd_fairseq.cli import atomic_write_text
+        from tiekd_cli.files import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"preset": args.preset, "device": args.device, "fp16": args.fp16,
                                                  "rounds": args.rounds, "results": results}, indent=2))

@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tiekd import hierarchical_ranking_loss, kl_divergence, tie_kd_terms  # noqa: E402
+
 import peak_memory  # noqa: E402
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, tie_kd_terms  # noqa: E402
 
 
 def naive_terms(student_logits, teacher_logits, k):
@@ -107,7 +108,8 @@ def main(argv=None):
             check=True, capture_output=True, text=True,
         ).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
-        print(f"{name:>6}: {results[name]['seconds'] * 1000:8.1f} ms  peak {results[name]['peak_bytes'] / 2**20:8.1f} MiB")
+        seconds, peak = results[name]["seconds"], results[name]["peak_bytes"]
+        print(f"{name:>6}: {seconds * 1000:8.1f} ms  peak {peak / 2**20:8.1f} MiB")
     print(f"device={args.device} positions={args.positions} vocab={args.vocab} k={args.k} fp32 fwd+bwd")
     time_ratio = results["ours"]["seconds"] / results["naive"]["seconds"]
     mem_ratio = results["ours"]["peak_bytes"] / results["naive"]["peak_bytes"]

@@ -72,7 +72,8 @@ def corpus(tmp_path_factory):
     for split in raw:
         for lang in ("en", "de"):
             lines = (root / f"raw.{split}.{lang}").read_text(encoding="utf-8").splitlines()
-            (root / f"sp.{split}.{lang}").write_text("".join(" ".join(sp.encode(l, out_type=str)) + "\n" for l in lines))
+            encoded = (" ".join(sp.encode(line, out_type=str)) + "\n" for line in lines)
+            (root / f"sp.{split}.{lang}").write_text("".join(encoded))
     data_bin = root / "bin"
     fairseq(
         "fairseq-preprocess", "--source-lang", "en", "--target-lang", "de",
@@ -98,10 +99,10 @@ def teacher(corpus, tmp_path_factory):
     return save_dir / "checkpoint_best.pt"
 
 
-def kd_train_args(data_bin, teacher_path, save_dir, *extra):
+def kd_train_args(data_bin, teacher, save_dir, *extra):
     """fairseq-train arguments for a tiny tie_kd student."""
     return [
-        data_bin, "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher-path", teacher_path,
+        data_bin, "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher", teacher,
         "--criterion", "tie_kd", "--label-smoothing", "0.1", *STUDENT_ARCH, *COMMON,
         "--optimizer", "adam", "--lr", "5e-3", "--max-tokens", "2048", "--save-dir", save_dir,
         "--no-epoch-checkpoints", *extra,

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tiekd_cli.analyze import add_counts, main, position_stats, summarize
+
 from conftest import data_bin_with_swapped_symbols, fairseq, kd_train_args, run
-from tiekd_fairseq.analysis import add_counts, main, position_stats, summarize
 
 ANALYZE = Path(sys.executable).parent / "tiekd-analyze"
 BINS = (0.0, 0.4, 0.7, 1.0)
@@ -85,7 +86,7 @@ def student(corpus, teacher, tmp_path_factory):
 def analysis(corpus, teacher, student, tmp_path_factory):
     out = tmp_path_factory.mktemp("analysis") / "out"
     proc = run([ANALYZE, "--data-bin", corpus.data_bin, "--teacher", teacher, "--students", teacher, student,
-                "--names", "self", "tiny", "--topk", "5", "--cpu", "--max-tokens", "1000", "--out", out])
+                "--names", "self", "tiny", "--kd-topk", "5", "--cpu", "--max-tokens", "1000", "--out", out])
     return json.loads((out / "analysis.json").read_text()), proc, out
 
 
@@ -146,20 +147,20 @@ def test_bad_input_exits_2_with_one_line_from_the_console_script(corpus, tmp_pat
     (["--bins", "0,0.7,0.4,1"], "--bins 0,0.7,0.4,1: need strictly increasing edges from 0 to 1"),
     (["--bins", "0.1,1"], "--bins 0.1,1: need strictly increasing edges from 0 to 1"),
     (["--bins", "0,a,1"], "--bins 0,a,1: not a comma-separated list of numbers"),
-    (["--topk", "0"], "--topk must be >= 1, got 0"),
-    (["--topk", "5000"], "--topk 5000 exceeds the target vocabulary"),
+    (["--kd-topk", "0"], "--kd-topk must be at least 1, not 0"),
+    (["--kd-topk", "5000"], "--kd-topk 5000 exceeds the target vocabulary"),
     (["--subset", "dev"], "has no subset 'dev'"),
     (["--max-tokens", "10"], "--max-tokens 10 is below the longest sentence of valid"),
     (["--names", "a", "b"], "--names needs 1 distinct names, one per student, got 2"),
     (["--students", "{missing}"], "student checkpoint {missing} does not exist"),
 ])
 def test_bad_input_is_one_line_before_any_model_loads(flags, message, corpus, teacher, tmp_path, capsys, monkeypatch):
-    import tiekd_fairseq.analysis as analysis
+    import tiekd_cli.analyze as analysis
 
     def no_loading(*_args, **_kwargs):
         raise AssertionError("a model was loaded")
 
-    monkeypatch.setattr(analysis, "load_teacher", no_loading)
+    monkeypatch.setattr(analysis, "load_frozen_model", no_loading)
     missing = str(tmp_path / "missing.pt")
     flags = [f.format(missing=missing) for f in flags]
     args = ["--data-bin", str(corpus.data_bin), "--teacher", str(teacher), "--students", str(teacher),
@@ -168,7 +169,8 @@ def test_bad_input_is_one_line_before_any_model_loads(flags, message, corpus, te
         main(args)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("tiekd-analyze: error: ") and message.format(missing=missing) in err
+    assert len(err.splitlines()) == 1 and err.startswith("tiekd-analyze: error: ")
+    assert message.format(missing=missing) in err
 
 
 def test_a_data_bin_with_other_dictionaries_is_refused_in_one_line(corpus, teacher, tmp_path):

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_criterion import build
 
 from conftest import fairseq, kd_train_args, run
-from test_criterion import build
 
 CACHE_TOOL = Path(sys.executable).parent / "tiekd-cache-teacher"
 
 
 def make_cache(corpus, teacher, out, k):
-    run([CACHE_TOOL, "--data-bin", corpus.data_bin, "--subset", "valid", "--teacher", teacher, "--topk", k,
+    run([CACHE_TOOL, "--data-bin", corpus.data_bin, "--subset", "valid", "--teacher", teacher, "--kd-topk", k,
          "--out", out, "--cpu"])
     return out
 

@@ -69,7 +69,7 @@ def test_missing_teacher_file_is_one_line(corpus, tmp_path):
 
 
 def test_teacher_checkpoint_with_numpy_metrics_loads(teacher):
-    """Trained with --eval-bleu, the teacher checkpoint carries numpy arrays: refused by fairseq alone, loads with us."""
+    """Trained with --eval-bleu, the teacher checkpoint holds numpy arrays: refused by fairseq alone, loads with us."""
     load = (
         "from fairseq import checkpoint_utils\n"
         "import torch\n"

@@ -12,15 +12,16 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
+from tiekd import hierarchical_ranking_loss, kl_divergence
+
 from conftest import STUDENT_ARCH, USER_DIR
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence
 
 
-def build(data_bin, teacher_path, *extra):
+def build(data_bin, teacher, *extra):
     """task, student and criterion exactly as fairseq-train builds them from these flags."""
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
-        str(data_bin), "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher-path", str(teacher_path),
+        str(data_bin), "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher", str(teacher),
         *STUDENT_ARCH, "--dropout", "0", "--cpu", "--max-tokens", "4096", "--label-smoothing", "0.1",
         "--criterion", "tie_kd", *extra,
     ])
@@ -176,7 +177,7 @@ def test_word_kd_equals_tie_kd_with_one_pass_and_no_ranking(corpus, teacher, set
 
 @pytest.mark.parametrize("kd_target", ["top1", "no-top1", "topk"])
 def test_word_kd_targets_use_partial_kd(corpus, teacher, setup, kd_target):
-    from tiekd_fairseq.losses import partial_kd
+    from tiekd import partial_kd
 
     task, model, _, sample = setup
     _, _, word = build(corpus.data_bin, teacher, "--criterion", "word_kd", "--kd-target", kd_target, "--kd-topk", "3")

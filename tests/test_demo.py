@@ -13,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run
-from tiekd_fairseq.cli import UsageError
-from tiekd_fairseq.demo import DEMO_DIR, ITERATED, STUDENTS, Demo
+from tiekd_cli.shell import UsageError
 
-TOOL = Path(sys.executable).parent / "tiekd-demo"
+from conftest import REPO, run
+
+DEMO_DIR = REPO / "examples" / "demo"
+sys.path.insert(0, str(DEMO_DIR))
+from run_demo import ITERATED, STUDENTS, Demo  # noqa: E402
+
+SCRIPT = Path("examples") / "demo" / "run_demo.py"
 STAGES = ["data", *STUDENTS, "iterate", "evaluate", "analyze", "report"]
 
 
@@ -46,14 +50,14 @@ def _clone(folder):
 def test_tiny_demo_from_a_clone_in_a_new_folder_resumes_after_a_kill_and_skips_finished_stages(tmp_path):
     clone = _clone(tmp_path / "new" / "tiekd-fairseq")
     out = tmp_path / "demo"
-    # The clone's own package and files: python -m puts its folder first on sys.path.
-    cmd = [sys.executable, "-m", "tiekd_fairseq.demo", "--profile", "tiny", "--out", str(out)]
+    # The clone's own recipe; the packages it imports are the installed ones.
+    cmd = [sys.executable, SCRIPT, "--profile", "tiny", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Killed (with its fairseq-train) once word_kd has saved a mid-run checkpoint, update 5 of 12.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             start_new_session=True, cwd=clone)
     _kill_when(proc, out / "word_kd" / "train.log", "@ 5 updates")
-    assert not (out / "stages" / "word_kd.done").exists()
+    assert not (out / "done" / "word_kd").exists()
     assert json.loads((out / "settings.json").read_text())["teacher"] == str(clone / "examples/demo/teacher/teacher.pt")
 
     second = run(cmd, cwd=clone)
@@ -97,7 +101,7 @@ def test_a_damaged_teacher_is_refused_before_any_work(tmp_path):
 
 
 def test_an_unknown_profile_is_one_line():
-    proc = run([TOOL, "--profile", "huge"], check=False)
+    proc = run([sys.executable, REPO / SCRIPT, "--profile", "huge"], check=False)
     assert proc.returncode == 2
     assert "invalid choice: 'huge'" in proc.stderr
 
@@ -111,8 +115,7 @@ def _demo_with_changed_teacher(tmp_path, name, change):
              for n in ("teacher.pt", "dict.en.txt", "dict.de.txt", "spm.model")]
     (shipped / "SHA256SUMS").write_text("".join(lines))
     out = tmp_path / "out"
-    proc = run([sys.executable, "-m", "tiekd_fairseq.demo", "--profile", "tiny", "--out", out], check=False,
-               cwd=tmp_path / "clone")
+    proc = run([sys.executable, SCRIPT, "--profile", "tiny", "--out", out], check=False, cwd=tmp_path / "clone")
     return proc, shipped, out
 
 
@@ -132,7 +135,7 @@ def test_a_failing_fairseq_stage_is_one_line_naming_the_stage_its_error_and_its_
     assert proc.stderr.strip().splitlines()[-1] == (
         f"make demo: stage word_kd failed: {error} (log: {out}/word_kd/train.log)")
     assert (out / "word_kd" / "train.log").read_text().strip().splitlines()[-1] == error
-    assert (out / "stages" / "ce.done").is_file() and not (out / "stages" / "word_kd.done").exists()
+    assert (out / "done" / "ce").is_file() and not (out / "done" / "word_kd").exists()
 
 
 def test_a_failing_stage_inside_the_demo_is_one_line_with_the_traceback_in_its_log(tmp_path):
@@ -140,7 +143,7 @@ def test_a_failing_stage_inside_the_demo_is_one_line_with_the_traceback_in_its_l
     assert proc.returncode == 1
     assert "Traceback" not in proc.stdout + proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert re.fullmatch(rf"make demo: stage data failed: \w+: .+ \(log: {re.escape(str(out))}/stages/data\.log\)",
+    assert re.fullmatch(rf"make demo: stage data failed: \w+: .+ \(log: {re.escape(str(out))}/logs/data\.log\)",
                         last), last
-    assert "Traceback" in (out / "stages" / "data.log").read_text()
-    assert not (out / "stages" / "data.done").exists()
+    assert "Traceback" in (out / "logs" / "data.log").read_text()
+    assert not (out / "done" / "data").exists()

@@ -12,9 +12,12 @@ import sentencepiece
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 
+from tiekd_cli.checkpoint_average import average_checkpoints, last_checkpoints
+from tiekd_cli.eval import main, markdown_table
+from tiekd_cli.generate_output import generated_hypotheses, in_corpus_order
+from tiekd_cli.shell import UsageError
+
 from conftest import BIN, run
-from tiekd_fairseq.cli import UsageError
-from tiekd_fairseq.evaluation import average_checkpoints, last_checkpoints, main, markdown_table, restore_order
 
 TOOL = BIN / "tiekd-eval"
 
@@ -40,8 +43,9 @@ def noisy_folder(teacher, tmp_path_factory):
 @pytest.fixture(scope="module")
 def evaluated(corpus, teacher, noisy_folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "out"
-    proc = run([TOOL, corpus.data_bin, teacher, noisy_folder, "--average-last", "2", "--names", "teacher", "noisy",
-                "--ref", corpus.root / "raw.test.de", "--out", out, "--spm-model", corpus.root / "spm.model", "--cpu"])
+    proc = run([TOOL, "--data-bin", corpus.data_bin, teacher, noisy_folder, "--average-last", "2",
+                "--names", "teacher", "noisy", "--ref", corpus.root / "raw.test.de", "--out", out,
+                "--spm-model", corpus.root / "spm.model", "--cpu"])
     return SimpleNamespace(out=out, proc=proc, results=json.loads((out / "results.json").read_text()))
 
 
@@ -138,21 +142,22 @@ def test_last_checkpoints_picks_the_highest_epoch_or_update(tmp_path):
         last_checkpoints(tmp_path, 4)
 
 
-def test_restore_order_sorts_by_sample_id_and_refuses_a_subset():
+def test_hypotheses_are_read_back_in_sample_id_order_and_a_subset_is_refused():
     output = "\n".join([
         "2024-01-01 00:00:00 | INFO | fairseq_cli.generate | loading",
         "S-2\tsource two", "T-2\ttarget two", "H-2\t-0.5\t▁two", "D-2\t-0.5\ttwo", "P-2\t-0.5",
         "H-0\t-0.1\t▁zero ▁words", "H-1\t-0.3\t", "Generate test with beam=4: BLEU = 1.00",
     ])
-    assert restore_order(output, 3) == ["▁zero ▁words", "", "▁two"]
-    with pytest.raises(UsageError, match=r"^fairseq-generate returned 3 hypotheses for 5 sentences \(missing ids: 3, 4\)"):
-        restore_order(output, 5)
+    assert in_corpus_order(generated_hypotheses(output), range(3), "generate") == ["▁zero ▁words", "", "▁two"]
+    with pytest.raises(UsageError, match=r"^generate: 2 of 5 sentences got no hypothesis \(ids 3, 4\)$"):
+        in_corpus_order(generated_hypotheses(output), range(5), "generate")
 
 
 def test_markdown_table():
     rows = [
         {"name": "ce", "bleu": {"score": 27.304, "p_value": None}, "chrf": {"score": 56.0}, "delta_bleu": None},
-        {"name": "tie_kd", "bleu": {"score": 28.3449, "p_value": 0.001}, "chrf": {"score": 57.25}, "delta_bleu": 1.0409},
+        {"name": "tie_kd", "bleu": {"score": 28.3449, "p_value": 0.001}, "chrf": {"score": 57.25},
+         "delta_bleu": 1.0409},
     ]
     assert markdown_table(rows, "ce") == (
         "| system | BLEU | chrF | ΔBLEU vs ce | p-value |\n"
@@ -181,7 +186,7 @@ def test_bad_input_is_one_line_before_decoding(case, message, corpus, teacher, n
     ref = {"missing ref": tmp_path / "missing.de", "ref of another length": corpus.root / "raw.valid.de"}.get(case, ref)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in [corpus.data_bin, *systems, "--ref", ref, "--out", out]])
+        main([str(a) for a in ["--data-bin", corpus.data_bin, *systems, "--ref", ref, "--out", out]])
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and re.fullmatch(f"tiekd-eval: error: {message}", errors[0]), errors
@@ -189,7 +194,8 @@ def test_bad_input_is_one_line_before_decoding(case, message, corpus, teacher, n
 
 
 def test_console_script_exits_2_with_one_line(corpus, teacher, tmp_path):
-    proc = run([TOOL, corpus.data_bin, teacher, tmp_path / "missing.pt", "--ref", corpus.root / "raw.test.de",
-                "--out", tmp_path / "out"], check=False)
+    proc = run([TOOL, "--data-bin", corpus.data_bin, teacher, tmp_path / "missing.pt",
+                "--ref", corpus.root / "raw.test.de", "--out", tmp_path / "out"], check=False)
     assert proc.returncode == 2 and proc.stdout == "" and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"tiekd-eval: error: checkpoint {tmp_path / 'missing.pt'} does not exist"
+    missing = tmp_path / "missing.pt"
+    assert proc.stderr.strip().splitlines()[-1] == f"tiekd-eval: error: checkpoint {missing} does not exist"

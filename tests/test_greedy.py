@@ -7,7 +7,8 @@ from fairseq.sequence_generator import SequenceGenerator
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
 import tiekd_fairseq  # noqa: F401  (allow-lists checkpoint globals)
-from tiekd_fairseq.greedy import greedy_decode, prefix_and_target
+from tiekd import prefix_and_target
+from tiekd_fairseq.greedy import greedy_decode
 
 
 @pytest.mark.parametrize("max_len_a,max_len_b", [(0.0, 200), (1.2, 3)])

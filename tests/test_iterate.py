@@ -12,10 +12,20 @@ import pytest
 import sentencepiece
 from fairseq.data import Dictionary, data_utils
 
+from tiekd_cli.iterate import (
+    RESET_FLAGS,
+    Row,
+    best_row,
+    iterate,
+    read_rows,
+    round_train_args,
+    rounds_without_gain,
+    write_rows,
+)
+from tiekd_cli.shell import UsageError
+from tiekd_fairseq.errors import InputError
+
 from conftest import COMMON, STUDENT_ARCH, data_bin_with_swapped_symbols, run
-from tiekd_fairseq.cli import UsageError
-from tiekd_fairseq.iterate import (RESET_FLAGS, Row, best_row, iterate, read_rows, round_train_args,
-                                   rounds_without_gain, write_rows)
 
 TOOL = Path(sys.executable).parent / "tiekd-iterate"
 TRAIN = [*STUDENT_ARCH, *(arg for arg in COMMON if arg != "--cpu"), "--optimizer", "adam", "--lr", "5e-3",
@@ -66,7 +76,10 @@ def test_two_rounds_write_two_rows_and_the_best_checkpoint(finished):
     assert f"best round {best.round} (valid BLEU {best.bleu:.2f})" in finished.proc.stdout
     assert "valid BLEU" in finished.proc.stderr  # the progress bar
     assert sorted(p.name for p in save_dir.iterdir()) == [
-        ".lock", "checkpoint_best.pt", "mono", "round1", "round2", "rounds.tsv", "state.json"]
+        ".lock", "checkpoint_best.pt", "done", "mono", "round1", "round2", "rounds.tsv", "settings.json"]
+    assert sorted(p.name for p in (save_dir / "done").iterdir()) == ["best-round", "round1-trained", "round2-trained"]
+    assert (save_dir / "done" / "best-round").read_text() == f"{best.round}\n"
+    assert json.loads((save_dir / "settings.json").read_text())["rounds"] == 2
 
 
 def test_each_round_trains_on_its_own_shard_from_the_previous_best(finished):
@@ -92,7 +105,7 @@ def test_a_round_killed_after_training_is_only_scored(finished, corpus, teacher,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for fairseq-generate, as run() sets it for the console script
     save_dir = tmp_path / "run"
     shutil.copytree(finished.save_dir, save_dir)
-    write_rows(save_dir / "rounds.tsv", finished.rows[:1])  # state.json says round 2 was trained
+    write_rows(save_dir / "rounds.tsv", finished.rows[:1])  # done/round2-trained says round 2 was trained
     trained = (save_dir / "round2" / "train.log").stat().st_mtime_ns
     assert iterate(**options(corpus, teacher, mono, save_dir)[0]) == finished.rows
     assert (save_dir / "round2" / "train.log").stat().st_mtime_ns == trained
@@ -105,17 +118,17 @@ def test_a_finished_run_stops_early_and_keeps_the_best_round(finished, corpus, t
     shutil.copytree(finished.save_dir, save_dir)
     kwargs = options(corpus, teacher, mono, save_dir, rounds=3, patience=1)[0]
     # As if started with 3 rounds and patience 1, killed after writing round 2's row, which scores below round 1.
-    state = json.loads((save_dir / "state.json").read_text())
-    state["settings"].update(rounds=3, patience=1)
-    state["best_round"] = 2
+    settings = json.loads((save_dir / "settings.json").read_text())
+    settings.update(rounds=3, patience=1)
+    (save_dir / "settings.json").write_text(json.dumps(settings))
+    (save_dir / "done" / "best-round").write_text("2\n")
     shutil.copy(save_dir / "round2" / "checkpoint_best.pt", save_dir / "checkpoint_best.pt")
-    (save_dir / "state.json").write_text(json.dumps(state))
     write_rows(save_dir / "rounds.tsv", [Row(1, 9.5, 30.0, "round1/checkpoint_best.pt"),
                                          Row(2, 9.0, 31.0, "round2/checkpoint_best.pt")])
     rows = iterate(**kwargs)
     assert [row.round for row in rows] == [1, 2] and not (save_dir / "round3").exists()
     assert (save_dir / "checkpoint_best.pt").read_bytes() == (save_dir / "round1" / "checkpoint_best.pt").read_bytes()
-    assert json.loads((save_dir / "state.json").read_text())["best_round"] == 1
+    assert (save_dir / "done" / "best-round").read_text() == "1\n"
 
 
 def test_round_arguments_restore_weights_only():
@@ -188,7 +201,7 @@ def test_bad_input_is_refused_before_anything_is_written(case, corpus, teacher, 
     overrides, pattern = BAD_INPUTS[case]
     kwargs = options(corpus, teacher, mono, tmp_path / "run")[0]
     kwargs.update(overrides(corpus, tmp_path))
-    with pytest.raises(UsageError, match=f"^{pattern}$"):
+    with pytest.raises(InputError, match=f"^{pattern}$"):
         iterate(**kwargs)
     assert not (tmp_path / "run").exists()
 
@@ -197,11 +210,11 @@ def test_a_save_dir_of_something_else_or_of_another_run_is_refused(finished, cor
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine\n")
-    with pytest.raises(UsageError, match=r"^--save-dir \S+/foreign holds files but no state\.json: "
+    with pytest.raises(UsageError, match=r"^--save-dir \S+/foreign holds files but no settings\.json: "
                                          r"use a new or empty folder$"):
         iterate(**options(corpus, teacher, mono, foreign)[0])
-    before = (finished.save_dir / "state.json").read_text()
+    before = (finished.save_dir / "settings.json").read_text()
     with pytest.raises(UsageError, match=r"^\S+/run holds a run with other settings \(rounds 2 there, 3 now\): "
                                          r"rerun with the same arguments or use another --save-dir$"):
         iterate(**options(corpus, teacher, mono, finished.save_dir, rounds=3)[0])
-    assert (finished.save_dir / "state.json").read_text() == before
+    assert (finished.save_dir / "settings.json").read_text() == before

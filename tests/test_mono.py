@@ -3,10 +3,11 @@
 import pytest
 import torch
 from fairseq.sequence_generator import SequenceGenerator
+from test_criterion import build
+
+from tiekd_fairseq.data.mono_shards import ParallelWithMono
 
 from conftest import fairseq, kd_train_args
-from test_criterion import build
-from tiekd_fairseq.mono_shards import ParallelWithMono
 
 
 def binarize_mono(corpus, lines, dest):

@@ -142,14 +142,16 @@ def test_without_dictionaries_anywhere_the_error_names_every_place_tried(corpus,
 
 def test_a_teacher_data_path_that_is_not_a_folder_is_one_line(corpus, teacher, tmp_path):
     proc = _train_one_update(corpus, teacher, tmp_path / "s", "--teacher-data", tmp_path / "typo")
-    assert proc.stderr.strip().splitlines()[-1] == f"translation_kd: error: --teacher-data {tmp_path / 'typo'} is not a folder"
+    typo = tmp_path / "typo"
+    assert proc.stderr.strip().splitlines()[-1] == f"translation_kd: error: --teacher-data {typo} is not a folder"
 
 
 @pytest.mark.parametrize("first, second", [("teacher_data", "beside"), ("beside", "recorded")])
 def test_dictionaries_are_looked_for_in_order(first, second, corpus, teacher, tmp_path):
     """Swapped symbols in the place searched first are refused, though the next place holds the right ones."""
-    from tiekd_fairseq.data_bin import translation_task
-    from tiekd_fairseq.teacher import TeacherError, load_teacher
+    from tiekd_fairseq.data.data_bin import translation_task
+    from tiekd_fairseq.data.dictionaries import DictionaryError
+    from tiekd_fairseq.frozen_model import load_frozen_model
 
     places = {name: tmp_path / name for name in ("teacher_data", "beside", "recorded")}
     swapped = data_bin_with_swapped_symbols(corpus.data_bin, places[first])
@@ -162,16 +164,16 @@ def test_dictionaries_are_looked_for_in_order(first, second, corpus, teacher, tm
     torch.save(state, checkpoint)
     task = translation_task(corpus.data_bin, "valid")
     teacher_data = places["teacher_data"] if first == "teacher_data" else None
-    with pytest.raises(TeacherError, match=rf"dictionary {re.escape(str(places[first]))}/dict\.en\.txt differs "
+    with pytest.raises(DictionaryError, match=rf"dictionary {re.escape(str(places[first]))}/dict\.en\.txt differs "
                                             rf"from the task's: first difference at index 14: teacher has "
                                             rf"'{re.escape(swapped[0])}'"):
-        load_teacher(str(checkpoint), task, teacher_data)
+        load_frozen_model(str(checkpoint), task, teacher_data)
     # Without the swapped folder the next place serves.
     shutil.rmtree(places[first])
     places[first].mkdir()
     if first == "beside":
         torch.save(state, checkpoint)
-    assert load_teacher(str(checkpoint), task, teacher_data).model is not None
+    assert load_frozen_model(str(checkpoint), task, teacher_data).model is not None
 
 
 def test_export_refuses_dictionaries_that_do_not_fit_the_embeddings(corpus, teacher, tmp_path):

@@ -1,11 +1,16 @@
 """tiekd-seqkd through its console script: the teacher's beam output as a new data-bin, resumable by shard."""
 
 import filecmp
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from tiekd_cli.seqkd import build_seqkd_data
+from tiekd_cli.shell import UsageError
+from tiekd_fairseq.errors import InputError
 
 from conftest import COMMON, STUDENT_ARCH, USER_DIR, fairseq, run
 
@@ -50,7 +55,10 @@ def test_new_data_bin_holds_original_source_and_teacher_output(seqkd, corpus):
     target = data_utils.load_indexed_dataset(str(new / "test.en-de.de"), dictionary)
     assert [dictionary.string(t) for t in target] == (seqkd / "test.de").read_text(encoding="utf-8").splitlines()
     assert not filecmp.cmp(new / "test.en-de.de.bin", old / "test.en-de.de.bin", shallow=False)
-    assert sorted(p.name for p in seqkd.iterdir()) == ["data-bin", "shards", "test.de"]
+    assert sorted(p.name for p in seqkd.iterdir()) == [".lock", "data-bin", "settings.json", "shards", "test.de"]
+    assert sorted(p.name for p in (seqkd / "shards").iterdir()) == ["00000.txt", "00001.txt"]
+    settings = json.loads((seqkd / "settings.json").read_text())
+    assert settings["beam"] == 2 and settings["shards"] == 2 and settings["sentences"] == 100
 
 
 def test_new_data_bin_trains_with_cross_entropy(seqkd, tmp_path):
@@ -65,11 +73,9 @@ def test_new_data_bin_trains_with_cross_entropy(seqkd, tmp_path):
 
 
 def test_a_lost_hypothesis_fails_in_one_line_naming_its_id(seqkd, corpus, teacher, tmp_path):
-    from tiekd_fairseq.cli import UsageError
-    from tiekd_fairseq.seqkd import build_seqkd_data
-
     out = tmp_path / "out"
     shutil.copytree(seqkd / "shards", out / "shards")
+    shutil.copy(seqkd / "settings.json", out)
     shard = out / "shards" / "00001.txt"
     shard.write_text("".join(line for line in shard.open() if not line.startswith("70\t")))
     with pytest.raises(UsageError, match=r"shards in \S+: 1 of 100 sentences got no hypothesis \(ids 70\)$"):
@@ -94,40 +100,40 @@ def _swap_dictionary_lines(data):
 # (arguments that replace the good ones, given corpus, module output and tmp_path; the one error line)
 BAD_INPUTS = {
     "no such subset": (lambda corpus, seqkd, tmp: dict(subset="nosuch"),
-                       r"\S+ has no binarized nosuch source files nosuch\.SRC-TGT\.SRC\.idx"),
+                       r"data-bin \S+ has no binarized nosuch source files nosuch\.SRC-TGT\.SRC\.idx"),
     "missing source": (lambda corpus, seqkd, tmp: dict(data_bin=_copy_with(
                            corpus, tmp, lambda data: (data / "test.en-de.en.bin").unlink())),
                        r"binarized test source \S+/test\.en-de\.en\.bin does not exist"),
     "missing teacher": (lambda corpus, seqkd, tmp: dict(teacher=tmp / "missing.pt"),
                         r"teacher checkpoint \S+/missing\.pt does not exist"),
     "out not writable": (lambda corpus, seqkd, tmp: dict(out=tmp / "file" / "out"),
-                         r"cannot create --out \S+/file/out: Not a directory"),
+                         r"cannot use --out \S+/file/out: Not a directory"),
     "other dictionary": (lambda corpus, seqkd, tmp: dict(data_bin=_copy_with(corpus, tmp, _swap_dictionary_lines)),
                          r"teacher source dictionary \S+/dict\.en\.txt differs from the task's: "
                          r"first difference at index 14: .*"),
     "other settings": (lambda corpus, seqkd, tmp: dict(out=seqkd, beam=3),
-                       r"\S+/shards holds shards of another run \(beam 2 there, 3 now\): "
-                       r"use another --out or delete that folder"),
+                       r"\S+ holds a run with other settings \(beam 2 there, 3 now\): "
+                       r"rerun with the same arguments or use another --out"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_refused_before_decoding(case, seqkd, corpus, teacher, tmp_path):
-    from tiekd_fairseq.cli import UsageError
-    from tiekd_fairseq.seqkd import build_seqkd_data
-
     (tmp_path / "file").write_text("")
     overrides, pattern = BAD_INPUTS[case]
     args = dict(data_bin=corpus.data_bin, subset="test", teacher=teacher, out=tmp_path / "out", beam=2, shards=2)
     args.update(overrides(corpus, seqkd, tmp_path))
-    with pytest.raises(UsageError, match=f"^{pattern}$"):
+    before = {p: p.stat().st_mtime_ns for p in seqkd.rglob("*")}
+    with pytest.raises(InputError, match=f"^{pattern}$"):
         build_seqkd_data(**args)
-    assert not (tmp_path / "out" / "shards").exists()
+    assert not (tmp_path / "out").exists()
+    assert {p: p.stat().st_mtime_ns for p in seqkd.rglob("*")} == before
 
 
 def test_console_script_refuses_bad_input_with_exit_2_and_one_line(corpus, tmp_path):
     proc = run([SEQKD, "--data-bin", corpus.data_bin, "--subset", "test", "--teacher", tmp_path / "missing.pt",
                 "--out", tmp_path / "out", "--cpu"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == f"tiekd-seqkd: error: teacher checkpoint {tmp_path / 'missing.pt'} does not exist"
-    assert not (tmp_path / "out" / "shards").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"tiekd-seqkd: error: teacher checkpoint {tmp_path / 'missing.pt'} does not exist")
+    assert not (tmp_path / "out").exists()

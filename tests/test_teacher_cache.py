@@ -12,8 +12,15 @@ import numpy as np
 import pytest
 import torch
 
+from tiekd import cached_kd_terms, hierarchical_ranking_loss, kl_divergence
+from tiekd_cli.cache_teacher import build_teacher_cache
+from tiekd_cli.files import file_fingerprint
+from tiekd_fairseq.data.data_bin import translation_task
+from tiekd_fairseq.data.teacher_cache import TeacherCache, TeacherCacheError
+from tiekd_fairseq.errors import InputError
+from tiekd_fairseq.frozen_model import load_frozen_model
+
 from conftest import data_bin_with_swapped_symbols, run
-from tiekd_fairseq.losses import cached_kd_terms, hierarchical_ranking_loss, kl_divergence
 
 CACHE_TOOL = Path(sys.executable).parent / "tiekd-cache-teacher"
 K = 8
@@ -21,7 +28,7 @@ K = 8
 
 def cache_args(corpus, teacher, out):
     # The 200 valid sentences in shards of 80: three shards, the last one shorter.
-    return ["--data-bin", corpus.data_bin, "--subset", "valid", "--teacher", teacher, "--topk", K,
+    return ["--data-bin", corpus.data_bin, "--subset", "valid", "--teacher", teacher, "--kd-topk", K,
             "--out", out, "--shard-size", 80, "--max-tokens", 1024, "--cpu"]
 
 
@@ -34,8 +41,6 @@ def cache(corpus, teacher, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def task(corpus):
-    from tiekd_fairseq.data_bin import translation_task
-
     return translation_task(corpus.data_bin, "valid")
 
 
@@ -44,13 +49,15 @@ def test_layout_meta_and_reported_size(cache, task, corpus, teacher):
     meta = json.loads((cache.out / "meta.json").read_text())
     assert meta["subset"] == "valid" and meta["k"] == K and meta["sentences"] == 200
     assert meta["positions"] == int(sizes.sum()) and meta["dictionary_size"] == len(task.tgt_dict)
-    assert meta["data_bin"] == str(corpus.data_bin.resolve()) and meta["teacher"] == str(teacher.resolve())
+    assert meta["data_bin"] == str(corpus.data_bin.resolve())
+    assert meta["teacher"] == file_fingerprint(teacher) and meta["teacher"]["path"] == str(teacher.resolve())
     assert meta["shards"] == [[0, 80], [80, 160], [160, 200]]
     assert meta["dtypes"] == {"ids": "uint16", "lprobs": "float16", "tail": "float16"}
     files = sorted(f"{p.parent.name}/{p.name}" for p in cache.out.glob("shard-*/*"))
     assert files == sorted(f"shard-0000{i}/{n}.{e}" for i in range(3) for n in ("ids", "lprobs", "tail")
                            for e in ("bin", "idx"))
-    assert sorted(p.name for p in cache.out.iterdir()) == ["meta.json", "shard-00000", "shard-00001", "shard-00002"]
+    assert sorted(p.name for p in cache.out.iterdir()) == [
+        ".lock", "meta.json", "shard-00000", "shard-00001", "shard-00002"]
     total = sum(p.stat().st_size for p in cache.out.rglob("*") if p.is_file())
     line = cache.stdout.strip().splitlines()[-1]
     assert line == (f"{cache.out}: {meta['positions']} target positions x top-{K}, {total} bytes on disk "
@@ -78,11 +85,8 @@ def test_fairseq_reads_the_shards_one_item_per_sentence_in_id_order(cache, task)
 
 @pytest.mark.parametrize("sid", [0, 79, 80, 159, 160, 199])
 def test_entries_are_the_teachers_top_k_on_the_gold_prefix(sid, cache, task, teacher):
-    from tiekd_fairseq.teacher import load_teacher
-    from tiekd_fairseq.teacher_cache import TeacherCache
-
     dataset = task.dataset("valid")
-    frozen = load_teacher(str(teacher), task)
+    frozen = load_frozen_model(str(teacher), task)
     sample = dataset.collater([dataset[sid]])
     net_input = sample["net_input"]
     encoder_out = frozen.encode(net_input["src_tokens"], net_input["src_lengths"])
@@ -104,9 +108,6 @@ def test_entries_are_the_teachers_top_k_on_the_gold_prefix(sid, cache, task, tea
 
 
 def test_batch_is_aligned_with_a_collated_batch_and_padding_costs_nothing(cache, task, teacher):
-    from tiekd_fairseq.teacher import load_teacher
-    from tiekd_fairseq.teacher_cache import TeacherCache
-
     dataset, pad = task.dataset("valid"), task.tgt_dict.pad()
     batches = task.get_batch_iterator(dataset, max_tokens=600).next_epoch_itr(shuffle=False)
     sample = next(b for b in batches if b["target"].eq(pad).any())
@@ -124,7 +125,7 @@ def test_batch_is_aligned_with_a_collated_batch_and_padding_costs_nothing(cache,
         assert torch.equal(ids[row, :length], alone[0][0]) and torch.equal(lprobs[row, :length], alone[1][0])
 
     # The teacher itself as the student: both terms near 0 on real positions, exactly 0 on padding.
-    frozen = load_teacher(str(teacher), task)
+    frozen = load_frozen_model(str(teacher), task)
     net_input = sample["net_input"]
     encoder_out = frozen.encode(net_input["src_tokens"], net_input["src_lengths"])
     logits = frozen.decode(net_input["prev_output_tokens"], encoder_out, net_input["src_lengths"]).requires_grad_()
@@ -137,8 +138,6 @@ def test_batch_is_aligned_with_a_collated_batch_and_padding_costs_nothing(cache,
 
 
 def _refusal(make_reader, check_args=None):
-    from tiekd_fairseq.teacher_cache import TeacherCacheError
-
     with pytest.raises(TeacherCacheError) as err:
         reader = make_reader()
         if check_args:
@@ -163,9 +162,6 @@ def _data_bin_with_valid_from(corpus, dest, subset, count):
 
 
 def test_a_cache_that_does_not_fit_the_data_is_refused_in_one_line(cache, task, corpus, tmp_path):
-    from tiekd_fairseq.data_bin import translation_task
-    from tiekd_fairseq.teacher_cache import TeacherCache
-
     def reader():
         return TeacherCache(cache.out)
 
@@ -188,8 +184,6 @@ def test_a_cache_that_does_not_fit_the_data_is_refused_in_one_line(cache, task, 
 
 
 def test_a_truncated_or_incomplete_cache_is_refused_in_one_line(cache, tmp_path):
-    from tiekd_fairseq.teacher_cache import TeacherCache
-
     out = tmp_path / "cache"
     shutil.copytree(cache.out, out)
     data = out / "shard-00001" / "lprobs.bin"
@@ -211,7 +205,7 @@ def test_a_truncated_or_incomplete_cache_is_refused_in_one_line(cache, tmp_path)
 
 def test_bad_input_exits_2_with_one_line(corpus, tmp_path):
     proc = run([CACHE_TOOL, "--data-bin", corpus.data_bin, "--subset", "valid", "--teacher", tmp_path / "missing.pt",
-                "--topk", K, "--out", tmp_path / "out", "--cpu"], check=False)
+                "--kd-topk", K, "--out", tmp_path / "out", "--cpu"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"tiekd-cache-teacher: error: teacher checkpoint {tmp_path / 'missing.pt'} does not exist")
@@ -219,25 +213,28 @@ def test_bad_input_exits_2_with_one_line(corpus, tmp_path):
 
 
 BAD_INPUTS = {
-    "k": (dict(k=0), r"--topk must be at least 1, not 0"),
-    "k above the vocabulary": (dict(k=5000), r"--topk 5000 exceeds the target vocabulary \(\d+ symbols\)"),
+    "k": (dict(k=0), r"--kd-topk must be at least 1, not 0"),
+    "k above the vocabulary": (dict(k=5000), r"--kd-topk 5000 exceeds the target vocabulary \(\d+ symbols\)"),
     "no such subset": (dict(subset="nosuch"), r"data-bin \S+ has no subset 'nosuch' \(nosuch\.en-de\.\*\)"),
     "max tokens": (dict(max_tokens=5), r"--max-tokens 5 is below the longest sentence of valid \(\d+ tokens\)"),
-    "other settings": (dict(k=4), r"\S+ holds shards of another run \(k 8 there, 4 now\): "
-                                  r"use another --out or delete that folder"),
+    "other settings": (dict(k=4), r"\S+ holds a run with other settings \(k 8 there, 4 now\): "
+                                  r"rerun with the same arguments or use another --out"),
+    "other teacher": (dict(teacher="copy"), r"\S+ holds a run with other settings \(teacher \{'path': '\S+/"
+                                            r"checkpoint_best\.pt', .*\} there, \{'path': '\S+/copy/teacher\.pt', "
+                                            r".*\} now\): rerun with the same arguments or use another --out"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_refused_before_the_teacher_runs(case, cache, corpus, teacher, tmp_path):
-    from tiekd_fairseq.cli import UsageError
-    from tiekd_fairseq.teacher_cache import build_teacher_cache
-
-    out = cache.out if case == "other settings" else tmp_path / "out"
+    out = cache.out if case.startswith("other") else tmp_path / "out"
     before = {p: p.stat().st_mtime_ns for p in cache.out.rglob("*")}
     overrides, pattern = BAD_INPUTS[case]
+    if overrides.get("teacher") == "copy":  # the same weights in another file
+        (tmp_path / "copy").mkdir()
+        overrides = dict(teacher=shutil.copy(teacher, tmp_path / "copy" / "teacher.pt"))
     args = dict(data_bin=corpus.data_bin, subset="valid", teacher=teacher, k=K, out=out, shard_size=80, cpu=True)
-    with pytest.raises(UsageError, match=f"^{pattern}$"):
+    with pytest.raises(InputError, match=f"^{pattern}$"):
         build_teacher_cache(**{**args, **overrides})
     assert not (tmp_path / "out").exists()
     assert {p: p.stat().st_mtime_ns for p in cache.out.rglob("*")} == before

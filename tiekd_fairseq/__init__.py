@@ -1,5 +1,4 @@
-"""TIE-KD for fairseq: load with ``--user-dir`` (path of this folder)."""
+"""TIE-KD for fairseq: load with ``--user-dir`` (the path of this package)."""
 
-from . import cpu_distributed  # noqa: F401  (torchrun on CPU gives a real multi-process DDP run)
-from . import safe_checkpoints  # noqa: F401  (allow-lists fairseq's checkpoint globals)
-from . import criterions, tasks  # noqa: F401  (register tie_kd and translation_kd)
+# compat first, the patches fairseq and torch need (see compat/); then tie_kd, word_kd and translation_kd register.
+from . import compat, criterions, tasks  # noqa: F401

@@ -11,9 +11,13 @@ import torch
 
 @torch.no_grad()
 def greedy_decode(model, src_tokens, src_lengths, max_len_a=0.0, max_len_b=200, eos=2, pad=1):
-    """Return (B, L) hypotheses: each up to and including its EOS, right-padded with ``pad``.
+    """(B, L) hypotheses of a fairseq encoder-decoder model, each up to and including its EOS, right-padded.
 
-    The model must already be in eval mode; nothing here changes its mode.
+    Args:
+        model: in eval mode already (nothing here changes its mode).
+        src_tokens: (B, S) source ids; src_lengths: (B,).
+        max_len_a, max_len_b: the length limit ``int(a * S + b)``.
+        eos, pad: the dictionary's indices.
     """
     max_len = min(int(max_len_a * src_tokens.size(1) + max_len_b), model.max_decoder_positions() - 1)
     encoder_out = model.encoder(src_tokens, src_lengths=src_lengths)
@@ -39,9 +43,3 @@ def greedy_decode(model, src_tokens, src_lengths, max_len_a=0.0, max_len_b=200, 
             break
     hyps = tokens[:, 1 : step + 2]
     return hyps
-
-
-def prefix_and_target(hyps, eos=2, pad=1):
-    """Decoder input and target for hypotheses, as fairseq's collater builds them from a target."""
-    prev = torch.cat([hyps.new_full((hyps.size(0), 1), eos), hyps[:, :-1]], dim=1)
-    return prev.masked_fill(hyps.eq(pad), pad), hyps

@@ -8,8 +8,8 @@ Length filtering (at most MAX_LEN pieces a side, ratio at most RATIO, as Moses'
 clean-corpus-n.perl in fairseq's preparation scripts) happens on sentencepiece
 pieces, for the training set only.
 
-Files are written in place: the recipe rebuilds a step's folder from scratch unless
-the step's done-marker exists, so a half-written file is never used.
+The large files are streamed in place: the recipe rebuilds a step's folder from
+scratch unless the step's done-marker exists, so a half-written file is never used.
 """
 
 import argparse
@@ -21,6 +21,11 @@ import unicodedata
 from pathlib import Path
 
 import sentencepiece
+
+from tiekd_cli.checkpoint_average import average_checkpoints, last_checkpoints, save_checkpoint
+from tiekd_cli.files import write_lines
+from tiekd_cli.raw_text import RawTextError, iter_lines, read_parallel
+from tiekd_fairseq.errors import InputError
 
 # Control and format characters (zero-width spaces, soft hyphens, byte order marks, C0/C1 controls)
 # that are not whitespace; whitespace, including tabs and Unicode line separators, is collapsed by split().
@@ -35,11 +40,6 @@ def normalise(line):
     return " ".join(_INVISIBLE.sub("", line).split())
 
 
-def write_lines(path, lines):
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(line + "\n" for line in lines)
-
-
 def prepare(out, src, tgt, train, valid, test, mono):
     """Clean the raw text into ``out``: ``train``/``valid``/``test``.{src,tgt} and ``mono.<src>``.
 
@@ -48,9 +48,6 @@ def prepare(out, src, tgt, train, valid, test, mono):
     one side). ``valid`` and ``test`` must align exactly and keep every line, so they are read with
     ``read_parallel``. Every file is strict UTF-8 or the step stops naming the file and line.
     """
-    # The plugin package imports fairseq; only the steps that need it pay for the import.
-    from tiekd_fairseq.raw_text import RawTextError, iter_lines, read_parallel
-
     out = Path(out)
     # Streamed: a WMT training corpus can hold tens of millions of lines.
     with open(out / f"train.{src}", "w", encoding="utf-8", newline="\n") as fs, \
@@ -122,7 +119,8 @@ def train_sentencepiece(text, out, src, tgt, vocab_size, sentences, max_len, rat
     spm = sentencepiece.SentencePieceProcessor(model_file=str(out / "spm.model"))
     for split in ("train", "valid", "test"):
         total = kept = 0
-        with open(out / f"{split}.{src}", "w", encoding="utf-8") as fs, open(out / f"{split}.{tgt}", "w", encoding="utf-8") as ft:
+        with open(out / f"{split}.{src}", "w", encoding="utf-8") as fs, \
+                open(out / f"{split}.{tgt}", "w", encoding="utf-8") as ft:
             for source, target in zip(read_chunks(text / f"{split}.{src}"), read_chunks(text / f"{split}.{tgt}")):
                 for s, t in zip(spm.encode(source, out_type=str, num_threads=threads),
                                 spm.encode(target, out_type=str, num_threads=threads)):
@@ -138,13 +136,7 @@ def train_sentencepiece(text, out, src, tgt, vocab_size, sentences, max_len, rat
 
 def average(folder, last, out):
     """fairseq's averaging of the last ``last`` ``checkpoint_<epoch>_<update>.pt`` of ``folder``, saved to ``out``."""
-    from tiekd_fairseq.cli import UsageError
-    from tiekd_fairseq.evaluation import average_checkpoints, last_checkpoints, save_checkpoint
-
-    try:
-        paths = last_checkpoints(folder, last, update_based=True)
-    except UsageError as err:
-        raise ValueError(str(err)) from None
+    paths = last_checkpoints(folder, last, update_based=True)
     save_checkpoint(average_checkpoints(paths), out)
     print(f"{out}: average of {', '.join(path.name for path in paths)}")
 
@@ -187,9 +179,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.run(args)
-    # Bad input in one line: RawTextError (a ValueError) names the file and line; sentencepiece's
-    # trainer raises RuntimeError (e.g. a vocabulary larger than the text allows).
-    except (OSError, ValueError, RuntimeError) as err:
+    # Bad input in one line: an InputError names the file and line; sentencepiece's trainer
+    # raises RuntimeError (e.g. a vocabulary larger than the text allows).
+    except (InputError, OSError, ValueError, RuntimeError) as err:
         print(f"recipe_tools.py {args.command}: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 

@@ -216,7 +216,7 @@ kd_train() {  # kd_train NAME CRITERION FLAGS...
     local name=$1
     shift
     train "$DATA_BIN" "$CKPT/$name" "${STUDENT_FLAGS[@]}" --max-update "$STUDENT_UPDATES" \
-        --task translation_kd --teacher-path "$CKPT/teacher/average.pt" --criterion "$@"
+        --task translation_kd --teacher "$CKPT/teacher/average.pt" --criterion "$@"
 }
 
 step_wordkd() { kd_train word_kd word_kd "${KD_FLAGS[@]}"; }
@@ -241,7 +241,7 @@ step_iterate() {
 step_eval() {
     # The trained students are averaged over their last $AVERAGE checkpoints; the teacher's average
     # exists already and the iterative stage gives its best round's checkpoint.
-    tiekd-eval "$DATA_BIN" "$CKPT/ce" "$CKPT/word_kd" "$CKPT/seq_kd" "$CKPT/tie_kd" \
+    tiekd-eval --data-bin "$DATA_BIN" "$CKPT/ce" "$CKPT/word_kd" "$CKPT/seq_kd" "$CKPT/tie_kd" \
         "$CKPT/iterate/checkpoint_best.pt" "$CKPT/teacher/average.pt" \
         --names ce word_kd seq_kd tie_kd iterate teacher --average-last "$AVERAGE" --average-updates \
         --ref "$WORK/raw/test.$TGT" --spm-model "$WORK/spm/spm.model" --beam "$BEAM" --lenpen "$LENPEN" \

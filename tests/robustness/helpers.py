@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from fairseq.data import Dictionary
 from fairseq.data.indexed_dataset import MMapIndexedDatasetBuilder
-
 from test_iterate import options
 
 

@@ -8,13 +8,13 @@ import torch
 from fairseq import checkpoint_utils, options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.trainer import Trainer
-
 from test_criterion import build, valid_sample
-from tiekd_fairseq import evaluation
-from tiekd_fairseq.cli import UsageError
-from tiekd_fairseq.iterate import iterate
-from tiekd_fairseq.teacher import TeacherError, load_teacher
-from tiekd_fairseq.teacher_cache import build_teacher_cache
+
+from tiekd_cli import eval as evaluation
+from tiekd_cli.cache_teacher import build_teacher_cache
+from tiekd_cli.iterate import iterate
+from tiekd_fairseq.checkpoints import CheckpointError
+from tiekd_fairseq.frozen_model import ModelError, load_frozen_model
 
 from .helpers import iterate_kwargs, refused
 
@@ -37,19 +37,20 @@ def iterate_with_student(corpus, teacher, student_init, save_dir):
 def test_a_truncated_teacher_is_refused_in_one_line(corpus, teacher, task, tmp_path):
     cut = truncated_copy(teacher, tmp_path / "teacher.pt")
     message = f"teacher checkpoint {cut} is truncated: its zip archive has no end (a partial write?)"
-    refused(TeacherError, message, load_teacher, str(cut), task)
+    refused(CheckpointError, message, load_frozen_model, str(cut), task)
     refused(SystemExit, message, build, corpus.data_bin, cut)
-    refused(UsageError, message, build_teacher_cache, corpus.data_bin, "valid", cut, 4, tmp_path / "cache", cpu=True)
+    refused(CheckpointError, message, build_teacher_cache, corpus.data_bin, "valid", cut, 4, tmp_path / "cache",
+            cpu=True)
 
 
 def test_a_truncated_student_is_refused_before_training_or_decoding(corpus, teacher, tmp_path, capsys):
     cut = truncated_copy(teacher, tmp_path / "checkpoint_last.pt")
-    refused(UsageError, f"student checkpoint {cut} is truncated: its zip archive has no end (a partial write?)",
+    refused(CheckpointError, f"student checkpoint {cut} is truncated: its zip archive has no end (a partial write?)",
             iterate_with_student, corpus, teacher, cut, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main([str(a) for a in (corpus.data_bin, teacher, cut, "--ref", corpus.root / "raw.test.de",
-                                          "--out", tmp_path / "out")])
+        evaluation.main([str(a) for a in ("--data-bin", corpus.data_bin, teacher, cut,
+                                          "--ref", corpus.root / "raw.test.de", "--out", tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"tiekd-eval: error: system checkpoint {cut} is truncated: its zip archive has no end (a partial write?)")
@@ -71,7 +72,7 @@ def test_a_crafted_checkpoint_is_refused_without_running_its_code(corpus, teache
     reason = ("refused: it asks to load posix.system, which is not a fairseq checkpoint global "
               "(a checkpoint may not run code)")
     refused(SystemExit, f"teacher checkpoint {crafted} {reason}", build, corpus.data_bin, crafted)
-    refused(UsageError, f"student checkpoint {crafted} {reason}", iterate_with_student, corpus, teacher, crafted,
+    refused(CheckpointError, f"student checkpoint {crafted} {reason}", iterate_with_student, corpus, teacher, crafted,
             tmp_path / "run")
     # fairseq's own loader, as fairseq-generate uses it, refuses it too once the plugin is imported.
     with pytest.raises(Exception, match="GLOBAL posix.system"):
@@ -100,7 +101,7 @@ def language_model(corpus, tmp_path_factory):
 def test_a_language_model_as_teacher_is_refused_naming_what_it_is(corpus, task, language_model):
     message = (f"teacher {language_model} is a TransformerLanguageModel (arch transformer_lm, task language_modeling), "
                "not an encoder-decoder translation model")
-    refused(TeacherError, message, load_teacher, str(language_model), task)
+    refused(ModelError, message, load_frozen_model, str(language_model), task)
     refused(SystemExit, message, build, corpus.data_bin, language_model)
 
 
@@ -114,7 +115,7 @@ def test_a_teacher_saved_on_cuda_loads_on_this_cpu_and_follows_the_students_prec
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="Attempting to deserialize object on a CUDA device"):
             torch.load(on_cuda)
-    frozen, reference = load_teacher(str(on_cuda), task), load_teacher(str(teacher), task)
+    frozen, reference = load_frozen_model(str(on_cuda), task), load_frozen_model(str(teacher), task)
     assert {p.device.type for p in frozen.model.parameters()} == {"cpu"}
     net_input = valid_sample(task)["net_input"]
     assert torch.equal(frozen.gold_prefix_lprobs(net_input), reference.gold_prefix_lprobs(net_input))

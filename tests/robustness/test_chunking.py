@@ -9,8 +9,9 @@ from fairseq import checkpoint_utils
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from tiekd import DENSE_BLOCKS, cached_kd_terms, max_rows_for_budget, tie_kd_terms
+
 from conftest import fairseq, kd_train_args
-from tiekd_fairseq.losses import DENSE_BLOCKS, cached_kd_terms, max_rows_for_budget, tie_kd_terms
 
 
 class LiveBytes(TorchDispatchMode):

@@ -9,17 +9,18 @@ import pytest
 import torch
 from fairseq import utils
 from fairseq.data.indexed_dataset import MMapIndexedDataset, MMapIndexedDatasetBuilder
-
-from conftest import data_bin_with_swapped_symbols
 from test_criterion import build
-from tiekd_fairseq import evaluation
-from tiekd_fairseq.cli import UsageError
-from tiekd_fairseq.iterate import iterate, mono_sentences
-from tiekd_fairseq.raw_text import RawTextError, read_lines, read_parallel
-from tiekd_fairseq.seqkd import build_seqkd_data
-from tiekd_fairseq.teacher_cache import build_teacher_cache
+
+from tiekd_cli import eval as evaluation
+from tiekd_cli.cache_teacher import build_teacher_cache
+from tiekd_cli.iterate import iterate, mono_sentences
+from tiekd_cli.raw_text import RawTextError, read_lines, read_parallel
+from tiekd_cli.seqkd import build_seqkd_data
+from tiekd_cli.shell import UsageError
+from tiekd_fairseq.data.dictionaries import DictionaryError
 
 from .helpers import iterate_kwargs, refused, source_only_shard, write
+from conftest import data_bin_with_swapped_symbols
 
 LONG = 1100  # tokens: beyond the 1024 positions of fairseq's transformers (student and teacher here)
 
@@ -40,13 +41,12 @@ def test_invalid_utf8_is_refused_naming_the_file_and_line_by_every_reader(corpus
     message = f"{bad}:2: invalid UTF-8 at byte 3 of the line"
     refused(RawTextError, message, read_lines, bad)
     refused(RawTextError, message, read_parallel, write(tmp_path / "ok.en", "one\nbeautiful\n"), bad)
-    refused(UsageError, message, evaluation.read_lines, bad)
     refused(UsageError, message, iterate, **iterate_kwargs(corpus, teacher, tmp_path / "run", mono=bad))
     refused(UsageError, message, iterate, **iterate_kwargs(corpus, teacher, tmp_path / "run", valid_ref=bad))
     assert not (tmp_path / "run").exists()
     # Through a tool's command line: exit 2 and one line, before anything is decoded.
     with pytest.raises(SystemExit) as exit_info:
-        evaluation.main([str(corpus.data_bin), str(teacher), "--ref", str(bad), "--subset", "valid",
+        evaluation.main(["--data-bin", str(corpus.data_bin), str(teacher), "--ref", str(bad), "--subset", "valid",
                          "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"tiekd-eval: error: {message}"
@@ -80,7 +80,7 @@ def test_over_long_source_only_lines_are_skipped_and_counted_in_the_log(corpus, 
     task.load_dataset("train")
     dataset = task.dataset("train")
     assert dataset.mono.sizes[5] == LONG + 1  # with EOS
-    with caplog.at_level(logging.WARNING, logger="tiekd_fairseq.mono_shards"):
+    with caplog.at_level(logging.WARNING, logger="tiekd_fairseq.data.mono_shards"):
         batches = task.get_batch_iterator(
             dataset, max_tokens=4096, max_positions=utils.resolve_max_positions(task.max_positions(),
                                                                                 model.max_positions()),
@@ -127,7 +127,7 @@ def test_sentences_longer_than_the_teacher_positions_stop_its_tools_before_they_
     message = "1 test sentences are longer than the teacher's 1024 source positions (ids 7)"
     refused(UsageError, message, build_teacher_cache, data, "test", teacher, 4, tmp_path / "cache", cpu=True)
     refused(UsageError, message, build_seqkd_data, data, "test", teacher, tmp_path / "seqkd", cpu=True)
-    assert not (tmp_path / "cache" / "meta.json").exists() and not (tmp_path / "seqkd" / "shards").exists()
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "seqkd").exists()
 
 
 def test_an_empty_mono_text_is_refused_in_one_line(corpus, teacher, tmp_path):
@@ -161,5 +161,6 @@ def test_a_data_bin_whose_dictionary_differs_from_the_teachers_is_refused_naming
     message = (f"teacher source dictionary {corpus.data_bin}/dict.en.txt differs from the task's: first difference "
                f"at index 14: teacher has {teacher_symbol!r}, task has {task_symbol!r}")
     refused(SystemExit, message, build, tmp_path / "bin", teacher)
-    refused(UsageError, message, build_teacher_cache, tmp_path / "bin", "valid", teacher, 4, tmp_path / "c", cpu=True)
-    assert not (tmp_path / "c" / "meta.json").exists()
+    refused(DictionaryError, message, build_teacher_cache, tmp_path / "bin", "valid", teacher, 4, tmp_path / "c",
+            cpu=True)
+    assert not (tmp_path / "c").exists()

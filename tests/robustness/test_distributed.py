@@ -3,11 +3,10 @@
 import re
 
 import torch
-
-from conftest import BIN, REPO, kd_train_args, run
 from test_cli import _free_port
 
 from .helpers import source_only_shard
+from conftest import BIN, REPO, kd_train_args, run
 
 
 def test_two_process_ddp_with_source_only_batches_stays_in_step(corpus, teacher, tmp_path):

@@ -14,16 +14,17 @@ import torch
 import torch.nn.functional as F
 from fairseq import checkpoint_utils
 from fairseq.criterions.label_smoothed_cross_entropy import LabelSmoothedCrossEntropyCriterion
-
-from conftest import kd_train_args, run
 from test_criterion import build, valid_sample
-from tiekd_fairseq.losses import (
+
+from tiekd import (
     cached_kd_terms,
     hierarchical_ranking_loss,
     kl_divergence,
     partial_kd,
     tie_kd_terms,
 )
+
+from conftest import kd_train_args, run
 
 V = 64
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -245,11 +246,11 @@ def test_a_non_finite_source_only_batch_weighs_nothing(kd_setup, monkeypatch):
 POISONING_TRAIN = '''
 import math, sys
 from fairseq_cli.train import cli_main  # first: it sets fairseq's log format
-from tiekd_fairseq.teacher import Teacher
+from tiekd_fairseq.frozen_model import FrozenModel
 
 poison = {int(call): kind for call, kind in (item.split(":") for item in sys.argv.pop(1).split(","))}
 calls = [0]
-decode = Teacher.decode
+decode = FrozenModel.decode
 
 
 def poisoned(self, prev_output_tokens, encoder_out, src_lengths):
@@ -263,7 +264,7 @@ def poisoned(self, prev_output_tokens, encoder_out, src_lengths):
     return logits
 
 
-Teacher.decode = poisoned
+FrozenModel.decode = poisoned
 cli_main()
 '''
 

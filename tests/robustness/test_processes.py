@@ -2,23 +2,21 @@
 
 Kills are SIGKILLs of the whole process group (the tool and the fairseq process it
 runs), sent when a file shows the tool has reached a step, or sent by the tool to
-itself at a named point (``TIEKD_TEST_KILL_AT``, see ``cli.kill_point``).
+itself at a named point (``TIEKD_TEST_KILL_AT``, see ``tiekd_cli.files.kill_point``).
 """
 
 import filecmp
-import json
 import os
 import signal
 from types import SimpleNamespace
 
 import pytest
 import torch
-
-from conftest import run
 from test_seqkd import SEQKD, seqkd_args
 from test_teacher_cache import CACHE_TOOL, cache_args
 
 from .helpers import alongside, iterate_options, kill, start, wait_for
+from conftest import run
 
 
 def killed_at(point, argv):
@@ -55,7 +53,9 @@ def iterate_runs(corpus, teacher, tmp_path_factory):
         shard = save_dir / "mono" / "shard1" / "train.en-None.en.bin"
 
         def state():
-            return json.loads((save_dir / "state.json").read_text())
+            """The run folder's done markers, with their notes."""
+            done = save_dir / "done"
+            return {p.name: p.read_text() for p in done.iterdir()} if done.is_dir() else {}
 
         # 1. During fairseq-train; stopped first, it holds the lock while a second run tries the same folder.
         proc = start(argv)
@@ -98,8 +98,8 @@ def test_iterate_resumed_after_every_kill_equals_an_uninterrupted_run(iterate_ru
 
 def test_iterate_killed_during_fairseq_train_trains_the_round_again(iterate_runs):
     seen = iterate_runs.seen
-    assert seen.in_training.state["trained"] == 0
-    assert seen.in_decoding.state["trained"] == 1 and "done training" in seen.in_decoding.log
+    assert "round1-trained" not in seen.in_training.state
+    assert "round1-trained" in seen.in_decoding.state and "done training" in seen.in_decoding.log
     # The shards were binarized once, before the kill, and kept.
     assert seen.in_decoding.shard == seen.in_training.shard
 
@@ -120,13 +120,14 @@ def test_iterate_killed_while_writing_rounds_tsv_leaves_no_partial_file(iterate_
 
 def test_iterate_killed_while_writing_the_best_checkpoint_copies_it_again(iterate_runs):
     seen, save_dir = iterate_runs.seen, iterate_runs.save_dir
-    assert ".checkpoint_best.pt.tmp" in seen.in_best.files and "checkpoint_best.pt" not in seen.in_best.files
-    assert seen.in_best.state["best_round"] is None
+    assert [name for name in seen.in_best.files if name.startswith(".checkpoint_best.pt.")]  # the temporary file
+    assert "checkpoint_best.pt" not in seen.in_best.files
+    assert "best-round" not in seen.in_best.state and "round1-trained" in seen.in_best.state
     assert "1 of 1 rounds already finished" in seen.rerun.stderr
     # Neither trained nor scored again.
     assert mtime(save_dir / "round1" / "train.log") == seen.in_best.trained
     assert mtime(save_dir / "round1" / "valid" / "round1.hyp") == seen.in_best.scored
-    assert json.loads((save_dir / "state.json").read_text())["best_round"] == 1
+    assert (save_dir / "done" / "best-round").read_text() == "1\n"
 
 
 def test_a_second_iterate_on_the_same_save_dir_is_refused_while_the_first_runs(iterate_runs):
@@ -142,7 +143,7 @@ def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(corpus, teacher, t
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     with alongside([CACHE_TOOL, *cache_args(corpus, teacher, reference)]):
         killed_at("shard-00001", [CACHE_TOOL, *cache_args(corpus, teacher, out)])
-        assert sorted(p.name for p in out.iterdir()) == [".shard-00001.partial", "meta.json", "shard-00000"]
+        assert sorted(p.name for p in out.iterdir()) == [".lock", ".shard-00001.partial", "meta.json", "shard-00000"]
         done = {p: mtime(p) for p in (out / "shard-00000").iterdir()}
 
         rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])

@@ -1,1 +1,1 @@
-from . import tie_kd, word_kd  # noqa: F401
+from . import tie_kd, word_kd  # noqa: F401  (register the criteria)

@@ -1,9 +1,9 @@
 """``word_kd``: vanilla word-level KD, and the paper's knowledge-removal study (``--kd-target``).
 
-L = (1 - alpha) * LS-CE + alpha * sum_t KD_t: the terms of ``tie_kd`` with one
-pass and no ranking loss, so it is that criterion with those two fixed.
+L = (1 - alpha) * LS-CE + alpha * sum_t KD_t: one pass, no ranking loss.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import ChoiceEnum
 
-from ..losses import KD_TARGETS, partial_kd
-from .tie_kd import KDConfig, TieKDCriterion
+from tiekd import KD_TARGETS, partial_kd, tie_kd_terms
+
+from .kd_base import KDConfig, KDCriterion
 
 
 @dataclass
@@ -27,27 +28,14 @@ class WordKDConfig(KDConfig):
 
 
 @register_criterion("word_kd", dataclass=WordKDConfig)
-class WordKDCriterion(TieKDCriterion):
+class WordKDCriterion(KDCriterion):
     name = "word_kd"
 
-    def __init__(
-        self,
-        task,
-        sentence_avg,
-        label_smoothing,
-        kd_alpha,
-        kd_temperature,
-        kd_target,
-        kd_topk,
-        kd_memory_budget=2048,
-        ignore_prefix_size=0,
-        report_accuracy=False,
-    ):
-        super().__init__(
-            task, sentence_avg, label_smoothing, kd_alpha, kd_topk, kd_iterations=1, rank_weight=0.0,
-            kd_temperature=kd_temperature, kd_memory_budget=kd_memory_budget, ignore_prefix_size=ignore_prefix_size,
-            report_accuracy=report_accuracy,
-        )
+    def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_target, kd_topk,
+                 kd_memory_budget=2048, ignore_prefix_size=0, report_accuracy=False):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, alpha=kd_alpha,
+                         temperature=kd_temperature, memory_budget=kd_memory_budget, topk=kd_topk, iterations=1,
+                         rank_weight=0.0)
         self.require_flag(
             kd_target == "full" or kd_temperature == 1,
             f"--kd-temperature applies to --kd-target full only, got {kd_temperature} with {kd_target}",
@@ -56,13 +44,17 @@ class WordKDCriterion(TieKDCriterion):
         self.kd_needs_lprobs = self.kd_target != "full"
 
     @property
-    def learns_from_mono(self):
+    def teacher_use(self):
         # no-top1 moves mass onto the gold token, which a source-only sentence lacks.
-        return super().learns_from_mono and self.kd_target != "no-top1"
+        use = super().teacher_use
+        return dataclasses.replace(use, learns_from_source_only=use.learns_from_source_only
+                                   and self.kd_target != "no-top1")
 
     def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
         if self.kd_target == "full":
-            return super().kd_terms(student_logits, student_lprobs, teacher_logits, target)
+            kl, _ = tie_kd_terms(student_logits, teacher_logits, self.topk, self.temperature, with_rank=False,
+                                 max_rows=self.max_rows(student_logits))
+            return kl, torch.zeros_like(kl)
         teacher_lprobs = F.log_softmax(teacher_logits.float(), dim=-1)
         kd = partial_kd(student_lprobs, teacher_lprobs, target, self.kd_target, self.topk)
         return kd, torch.zeros_like(kd)

@@ -9,16 +9,18 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.translation import TranslationConfig, TranslationTask
 
-from ..mono_shards import MonoDataError, ParallelWithMono, check_shard, load_shard
-from ..teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
-from ..teacher_cache import TeacherCache, TeacherCacheError
+from ..data.dictionaries import TEACHER_DATA_HELP
+from ..data.mono_shards import ParallelWithMono, check_shard, load_shard
+from ..data.teacher_cache import TeacherCache
+from ..errors import InputError
+from ..frozen_model import load_frozen_model
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class TranslationKDConfig(TranslationConfig):
-    teacher_path: Optional[str] = field(
+    teacher: Optional[str] = field(
         default=None,
         metadata={"help": "teacher checkpoint (any fairseq encoder-decoder model); required by the KD criteria"},
     )
@@ -61,12 +63,12 @@ class TranslationKDTask(TranslationTask):
         # Every shard is checked now, so a bad one stops the run before training, not mid-epoch.
         try:
             if not 0 <= cfg.mono_ratio < 1:
-                raise MonoDataError(f"--mono-ratio must be in [0, 1), got {cfg.mono_ratio}")
+                raise InputError(f"--mono-ratio must be in [0, 1), got {cfg.mono_ratio}")
             for shard in self.mono_shards:
                 check_shard(shard, cfg.source_lang, src_dict)
             if cfg.teacher_cache:
                 self.teacher_cache = TeacherCache(cfg.teacher_cache)
-        except (MonoDataError, TeacherCacheError) as err:
+        except InputError as err:
             raise SystemExit(f"translation_kd: error: {err}") from None
 
     def has_sharded_data(self, split):
@@ -80,7 +82,7 @@ class TranslationKDTask(TranslationTask):
         if self.teacher_cache is not None:
             try:
                 self.teacher_cache.check(self, split, self.teacher_cache_k)
-            except TeacherCacheError as err:
+            except InputError as err:
                 raise SystemExit(f"translation_kd: error: {err}") from None
         if not self.mono_shards or self.cfg.mono_ratio == 0:
             return
@@ -111,24 +113,26 @@ class TranslationKDTask(TranslationTask):
 
     def build_criterion(self, cfg, from_checkpoint=False):
         criterion = super().build_criterion(cfg, from_checkpoint=from_checkpoint)
-        needs_teacher = getattr(criterion, "needs_teacher", False)
-        if needs_teacher and self.teacher_cache is not None:
-            if criterion.temperature != 1 or criterion.kd_needs_lprobs:
-                raise SystemExit(f"translation_kd: error: --teacher-cache holds temperature-1 top-K log-probs: it "
-                                 f"serves the full KL at --kd-temperature 1 only ({cfg._name})")
-            # The ranking loss reads k of the cached K; KL alone reads any K.
-            self.teacher_cache_k = criterion.topk if criterion.rank_weight else 1
-            # With one pass and no source-only batches the cache replaces the teacher entirely.
-            needs_teacher = criterion.iterations > 1 or bool(self.mono_shards)
-        if needs_teacher and self.teacher is None:
-            if not self.cfg.teacher_path:
-                raise SystemExit(f"translation_kd: error: criterion {cfg._name} needs --teacher-path")
-            try:
-                self.teacher = load_teacher(self.cfg.teacher_path, self, self.cfg.teacher_data)
-            except TeacherError as err:
-                # One line, no traceback: the run has not started and nothing is lost.
-                raise SystemExit(f"translation_kd: error: {err}") from None
-        if self.mono_shards and not getattr(criterion, "learns_from_mono", False):
+        use = getattr(criterion, "teacher_use", None)  # declared by the KD criteria only
+        if self.mono_shards and not (use and use.learns_from_source_only):
             raise SystemExit(f"translation_kd: error: --mono-data needs a KD criterion with --kd-alpha > 0, "
                              f"not {cfg._name}: source-only batches have no gold target")
+        if use is None:
+            return criterion
+        # With one pass and no source-only batches a cache replaces the teacher entirely.
+        needs_teacher = True
+        if self.teacher_cache is not None:
+            if use.cache_topk is None:
+                raise SystemExit(f"translation_kd: error: --teacher-cache holds temperature-1 top-K log-probs: it "
+                                 f"serves the full KL at --kd-temperature 1 only ({cfg._name})")
+            self.teacher_cache_k = use.cache_topk
+            needs_teacher = use.passes > 1 or bool(self.mono_shards)
+        if needs_teacher and self.teacher is None:
+            if not self.cfg.teacher:
+                raise SystemExit(f"translation_kd: error: criterion {cfg._name} needs --teacher")
+            try:
+                self.teacher = load_frozen_model(self.cfg.teacher, self, self.cfg.teacher_data)
+            except InputError as err:
+                # One line, no traceback: the run has not started and nothing is lost.
+                raise SystemExit(f"translation_kd: error: {err}") from None
         return criterion

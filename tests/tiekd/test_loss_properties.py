@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tiekd_fairseq.losses import hierarchical_ranking_loss, kl_divergence, tie_kd_terms
+from tiekd import hierarchical_ranking_loss, kl_divergence, tie_kd_terms
 
 
 @st.composite

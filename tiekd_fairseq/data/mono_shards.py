@@ -14,16 +14,18 @@ import os
 import numpy as np
 from fairseq.data import Dictionary, FairseqDataset, LanguagePairDataset, data_utils
 
-from .teacher import dictionary_difference
+from ..errors import InputError
+from .dictionaries import dictionary_difference
 
 logger = logging.getLogger(__name__)
 
 
-class MonoDataError(Exception):
+class MonoDataError(InputError):
     """A shard that cannot be used; the message is one line naming the folder and what is wrong."""
 
 
 def shard_prefix(path, src):
+    """The path prefix of a shard's binarized sentences (``.idx``/``.bin``)."""
     return os.path.join(path, f"train.{src}-None.{src}")
 
 
@@ -55,6 +57,7 @@ def check_shard(path, src, src_dict):
 
 
 def load_shard(path, src, src_dict, left_pad_source):
+    """A checked shard as a source-only ``LanguagePairDataset``."""
     tokens = check_shard(path, src, src_dict)
     return LanguagePairDataset(tokens, tokens.sizes, src_dict, left_pad_source=left_pad_source)
 

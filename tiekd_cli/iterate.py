@@ -17,46 +17,50 @@ lines r-1, r-1+R, r-1+2R, ... (R = ``--rounds``), so a text sorted by topic or
 length gives every round the same mix. Given binarized shard folders instead,
 round r uses folder (r-1) mod S.
 
-``SAVE_DIR`` holds ``state.json`` (settings and progress), ``rounds.tsv`` (one row
-per finished round), ``checkpoint_best.pt`` (a copy of the best round's best
-checkpoint), ``mono/shard<r>/``, ``round<r>/`` (``train.log``, fairseq's
-checkpoints, ``valid/`` with tiekd-eval's files) and ``.lock``.
+``SAVE_DIR`` is a run folder (``RunFolder``): ``settings.json``, ``.lock`` and
+``done/`` (``round<r>-trained`` once round r's training finished, ``best-round``
+noting the round copied to ``checkpoint_best.pt``); and ``rounds.tsv`` (one row per
+finished round), ``checkpoint_best.pt`` (a copy of the best round's best
+checkpoint), ``mono/shard<r>/`` and ``round<r>/`` (``train.log``, fairseq's
+checkpoints, ``valid/`` with tiekd-eval's files).
 
 Resuming: a run killed at any moment and started again with the same arguments
 goes on from the last finished step. Binarized shards are kept; a round with a
-row in ``rounds.tsv`` is never trained or scored again; a round whose training
-finished (recorded in ``state.json``) is only scored; a round killed during
-training is trained again from its start, its folder removed first. fairseq
-writes ``checkpoint_last.pt`` by a plain copy, so after a kill it may be
-truncated; restarting also makes the round the same as an uninterrupted one.
-Every file of ours is written whole (temporary name, then rename); the rerun
-removes the temporary files and the partial scoring output a kill left.
+row in ``rounds.tsv`` is never trained or scored again; a round marked trained
+is only scored; a round killed during training is trained again from its start,
+its folder removed first. fairseq writes ``checkpoint_last.pt`` by a plain copy,
+so after a kill it may be truncated; restarting also makes the round the same as
+an uninterrupted one. Every file of ours is written whole (temporary name, then
+rename); the rerun removes the temporary files and the partial scoring output a
+kill left.
 """
 
 import argparse
-import fcntl
-import json
 import logging
 import os
 import shutil
 import sys
-from contextlib import contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
 import sentencepiece
-from fairseq.data import data_utils
-from fairseq.tasks.translation import TranslationConfig, TranslationTask
 from tqdm import tqdm
 
-from .cli import PLUGIN_DIR, UsageError, atomic_write_text, kill_point, require_file, run_fairseq, run_tool
-from .evaluation import evaluate, read_lines, subset_size
-from .mono_shards import MonoDataError, check_shard
-from .raw_text import iter_lines
-from .safe_checkpoints import check_checkpoint
-from .teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
+from tiekd_fairseq.checkpoints import check_checkpoint
+from tiekd_fairseq.data.data_bin import subset_size, translation_task
+from tiekd_fairseq.data.dictionaries import TEACHER_DATA_HELP
+from tiekd_fairseq.data.mono_shards import check_shard
+from tiekd_fairseq.frozen_model import load_frozen_model
 
-STATE, ROWS, BEST, LOCK = "state.json", "rounds.tsv", "checkpoint_best.pt", ".lock"
+from .eval import evaluate
+from .fairseq_runner import PLUGIN_DIR, run_fairseq
+from .files import atomic_write, atomic_write_text, file_fingerprint, require_file
+from .raw_text import iter_lines, read_lines
+from .run_folder import RunFolder
+from .shell import UsageError, positive, run_tool
+
+ROWS, BEST, BEST_ROUND = "rounds.tsv", "checkpoint_best.pt", "best-round"
 HEADER = "round\tvalid_bleu\tvalid_chrf\tcheckpoint\n"
 VALID_SUBSET = "valid"
 RESET_FLAGS = ("--reset-optimizer", "--reset-lr-scheduler", "--reset-dataloader", "--reset-meters")
@@ -64,7 +68,7 @@ RESET_FLAGS = ("--reset-optimizer", "--reset-lr-scheduler", "--reset-dataloader"
 # (argparse keeps the last). Each maps to the tiekd-iterate option to use instead, if any.
 OWN_FLAGS = {
     "--save-dir": "--save-dir", "--restore-file": "--student-init", "--finetune-from-model": "--student-init",
-    "--mono-data": "--mono", "--teacher-path": "--teacher", "--teacher-data": "--teacher-data",
+    "--mono-data": "--mono", "--teacher": "--teacher", "--teacher-data": "--teacher-data",
     "--source-lang": "--source-lang", "-s": "--source-lang", "--target-lang": "--target-lang",
     "-t": "--target-lang", "--cpu": "--cpu", "--user-dir": None, "--task": None,
 }
@@ -80,41 +84,52 @@ class Row(NamedTuple):
     checkpoint: str
 
 
+def _trained(r):
+    """The done marker of round ``r``'s training."""
+    return f"round{r}-trained"
+
+
 def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, train_args=(), student_init=None,
             spm_model=None, teacher_data=None, source_lang=None, target_lang=None, beam=4, lenpen=0.6, cpu=False):
-    """Run (or resume) up to ``rounds`` rounds in ``save_dir``; return the rows of ``rounds.tsv``.
+    """Run (or resume) up to ``rounds`` rounds in the run folder ``save_dir``, every input checked before anything
+    is written; return the rows of ``rounds.tsv``.
 
-    ``mono`` is a raw text file of source sentences (encoded with ``spm_model`` if
-    given, else taken as tokenized) or binarized shard folders joined by ':'.
-    ``train_args`` go to every fairseq-train unchanged. Stops after ``patience``
-    rounds without a valid BLEU gain. Every input is checked before anything is
-    written; a second run on the same ``save_dir`` is refused while one holds it.
+    Args:
+        data_bin: the parallel data-bin, with a valid subset.
+        mono: a raw text file of source sentences (encoded with ``spm_model`` if given, else taken as
+            tokenized), or binarized shard folders joined by ':'.
+        teacher, teacher_data: the teacher checkpoint and the folder of its dictionaries.
+        valid_ref: the raw reference text of the valid subset.
+        rounds: R; patience: stop after this many rounds without a valid BLEU gain.
+        train_args: fairseq-train arguments for every round, passed unchanged.
+        student_init: the checkpoint whose weights round 1 starts from (None: scratch).
+        spm_model: sentencepiece model: encodes raw ``mono``, detokenizes the valid output.
+        source_lang, target_lang: default: inferred from the data-bin.
+        beam, lenpen: of the valid decoding; cpu: train and decode on the CPU.
     """
     data_bin, save_dir = Path(data_bin), Path(save_dir)
     train_args = [str(arg) for arg in train_args]
-    src, tgt = _check_arguments(data_bin, rounds, patience, beam, train_args, source_lang, target_lang)
-    mono_text, given_shards = _check_inputs(data_bin, src, tgt, mono, rounds, teacher, teacher_data, valid_ref,
-                                            student_init, spm_model)
+    _check_arguments(data_bin, rounds, patience, beam, train_args)
+    src, tgt, mono_text, given_shards = _check_inputs(data_bin, source_lang, target_lang, mono, rounds, teacher,
+                                                      teacher_data, valid_ref, student_init, spm_model)
     settings = {
         "data_bin": str(data_bin.resolve()), "source_lang": src, "target_lang": tgt,
-        "mono": _identity(mono_text) if mono_text else [str(Path(s).resolve()) for s in given_shards],
-        "teacher": _identity(teacher), "student_init": _identity(student_init), "spm_model": _identity(spm_model),
+        "mono": file_fingerprint(mono_text) if mono_text else [str(Path(s).resolve()) for s in given_shards],
+        "teacher": file_fingerprint(teacher), "student_init": file_fingerprint(student_init),
+        "spm_model": file_fingerprint(spm_model),
         "teacher_data": None if teacher_data is None else str(Path(teacher_data).resolve()),
-        "valid_ref": _identity(valid_ref),
+        "valid_ref": file_fingerprint(valid_ref),
         "rounds": rounds, "patience": patience, "beam": beam, "lenpen": lenpen, "cpu": cpu, "train_args": train_args,
     }
-    with _exclusive(save_dir):
-        state = _start_or_resume(save_dir, settings)
-        for stale in save_dir.glob(".*.tmp"):  # temporary files of a killed run, never renamed into place
-            stale.unlink()
+    with RunFolder(save_dir, settings, "tiekd-iterate", flag="--save-dir") as folder:
         if mono_text:
-            shards = _split_mono(mono_text, rounds, spm_model, save_dir / "mono", src, data_bin / f"dict.{src}.txt")
+            shards = _split_mono(folder, mono_text, rounds, spm_model, src, data_bin / f"dict.{src}.txt")
         else:
             shards = [given_shards[(r - 1) % len(given_shards)] for r in range(1, rounds + 1)]
         rows = read_rows(save_dir / ROWS)
         if rows:
             logger.info("%d of %d rounds already finished in %s", len(rows), rounds, save_dir)
-        _keep_best(save_dir, state, rows)
+        _keep_best(folder, rows)
         progress = tqdm(total=rounds, initial=len(rows), desc="tiekd-iterate", unit="round")
         for r in range(len(rows) + 1, rounds + 1):
             if rounds_without_gain(rows) >= patience:
@@ -122,16 +137,16 @@ def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, tr
                 break
             progress.set_postfix_str(f"round {r}" + (f", last valid BLEU {rows[-1].bleu:.2f}" if rows else ""))
             round_dir = save_dir / f"round{r}"
-            if state["trained"] < r:
+            if not folder.done(_trained(r)):
                 restore = student_init if r == 1 else save_dir / rows[-1].checkpoint
                 _train_round(round_dir, round_train_args(
                     data_bin, teacher, shards[r - 1], round_dir, restore, train_args,
                     src, tgt, teacher_data, cpu,
                 ))
-                state["trained"] = r
-                _save_state(save_dir, state)
+                folder.mark_done(_trained(r))
             else:
                 logger.info("round %d: training had finished, scoring it", r)
+            # Not staged: results.json names the files by the folder they are written in.
             shutil.rmtree(round_dir / "valid", ignore_errors=True)  # what a killed scoring left
             results = evaluate(
                 data_bin, [round_dir / BEST], valid_ref, round_dir / "valid", names=[f"round{r}"],
@@ -141,7 +156,7 @@ def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, tr
             rows.append(Row(r, round(results["bleu"]["score"], 2), round(results["chrf"]["score"], 2),
                             f"round{r}/{BEST}"))
             write_rows(save_dir / ROWS, rows)
-            _keep_best(save_dir, state, rows)
+            _keep_best(folder, rows)
             progress.update()
             progress.set_postfix_str(f"round {r}, valid BLEU {rows[-1].bleu:.2f}")
         progress.close()
@@ -150,12 +165,13 @@ def iterate(data_bin, mono, teacher, save_dir, valid_ref, rounds, patience=2, tr
 
 def round_train_args(data_bin, teacher, shard, round_dir, restore, train_args, source_lang, target_lang,
                      teacher_data=None, cpu=False):
-    """fairseq-train arguments of one round; ``restore`` (a checkpoint, or None for scratch) gives weights only.
+    """fairseq-train arguments of one round, ``--criterion tie_kd`` before ``train_args`` so that one there wins.
 
-    ``--criterion tie_kd`` comes before ``train_args``, so a criterion given there wins.
+    Args:
+        restore: the checkpoint whose weights (only) the round starts from, or None for scratch.
     """
     args = [
-        data_bin, "--user-dir", PLUGIN_DIR, "--task", "translation_kd", "--teacher-path", teacher,
+        data_bin, "--user-dir", PLUGIN_DIR, "--task", "translation_kd", "--teacher", teacher,
         "--source-lang", source_lang, "--target-lang", target_lang, "--criterion", "tie_kd",
         "--mono-data", shard, "--save-dir", round_dir,
     ]
@@ -183,6 +199,7 @@ def read_rows(path):
 
 
 def write_rows(path, rows):
+    """Write ``rounds.tsv`` whole: the header, then one line per row."""
     atomic_write_text(path, HEADER + "".join(f"{r.round}\t{r.bleu:.2f}\t{r.chrf:.2f}\t{r.checkpoint}\n" for r in rows))
 
 
@@ -204,11 +221,9 @@ def mono_sentences(path):
             yield line
 
 
-def _check_arguments(data_bin, rounds, patience, beam, train_args, source_lang, target_lang):
-    """Check the numbers, the flags after -- and the data-bin's dictionaries; return (src, tgt)."""
-    for flag, value in (("--rounds", rounds), ("--patience", patience), ("--beam", beam)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, not {value}")
+def _check_arguments(data_bin, rounds, patience, beam, train_args):
+    """Check the numbers, the flags after -- and that the data-bin is a folder."""
+    positive(**{"--rounds": rounds, "--patience": patience, "--beam": beam})
     for arg in train_args:
         flag = arg.split("=", 1)[0]
         if flag in OWN_FLAGS:
@@ -217,18 +232,13 @@ def _check_arguments(data_bin, rounds, patience, beam, train_args, source_lang, 
                              + (f" (use its {instead} option)" if instead else ""))
     if not data_bin.is_dir():
         raise UsageError(f"data-bin {data_bin} is not a folder")
-    if source_lang is None or target_lang is None:
-        found = data_utils.infer_language_pair(str(data_bin))
-        source_lang, target_lang = source_lang or found[0], target_lang or found[1]
-        if source_lang is None or target_lang is None:
-            raise UsageError(f"no binarized SUBSET.SRC-TGT.SRC.idx in {data_bin}: pass --source-lang and --target-lang")
-    for lang in (source_lang, target_lang):
-        require_file(data_bin / f"dict.{lang}.txt", "dictionary")
-    return source_lang, target_lang
 
 
-def _check_inputs(data_bin, src, tgt, mono, rounds, teacher, teacher_data, valid_ref, student_init, spm_model):
-    """Check every input file, the teacher against the data-bin included; return ``_check_mono``'s answer."""
+def _check_inputs(data_bin, source_lang, target_lang, mono, rounds, teacher, teacher_data, valid_ref, student_init,
+                  spm_model):
+    """Check every input file, the teacher against the data-bin included; return (src, tgt, *``_check_mono``)."""
+    task = translation_task(data_bin, None, source_lang, target_lang)
+    src, tgt = task.cfg.source_lang, task.cfg.target_lang
     valid_size = subset_size(data_bin, VALID_SUBSET, src, tgt)
     references = read_lines(require_file(valid_ref, "valid reference file"))
     if len(references) != valid_size:
@@ -238,13 +248,9 @@ def _check_inputs(data_bin, src, tgt, mono, rounds, teacher, teacher_data, valid
         check_checkpoint(student_init, "student")
     if spm_model is not None:
         require_file(spm_model, "sentencepiece model")
-    task = TranslationTask.setup_task(TranslationConfig(data=str(data_bin), source_lang=src, target_lang=tgt))
     checked_mono = _check_mono(mono, rounds, src, task.src_dict)
-    try:
-        load_teacher(str(require_file(teacher, "teacher checkpoint")), task, teacher_data)
-    except TeacherError as err:
-        raise UsageError(str(err)) from None
-    return checked_mono
+    load_frozen_model(str(teacher), task, teacher_data)
+    return (src, tgt, *checked_mono)
 
 
 def _check_mono(mono, rounds, src, src_dict):
@@ -258,86 +264,32 @@ def _check_mono(mono, rounds, src, src_dict):
     for shard in shards:
         if not Path(shard).is_dir():
             raise UsageError(f"--mono {shard} is neither a text file nor a folder of binarized source sentences")
-        try:
-            check_shard(shard, src, src_dict)
-        except MonoDataError as err:
-            raise UsageError(str(err)) from None
+        check_shard(shard, src, src_dict)
     return None, shards
 
 
-def _identity(path):
-    """What tells a rerun's input file from the first run's: its absolute path, size and modification time."""
-    if path is None:
-        return None
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-@contextmanager
-def _exclusive(save_dir):
-    """Hold ``save_dir/.lock``; the kernel drops the lock when the process dies, SIGKILL included."""
-    if save_dir.exists() and not save_dir.is_dir():
-        raise UsageError(f"--save-dir {save_dir} is a file, not a folder")
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(save_dir / LOCK, "a")
-    except OSError as err:
-        raise UsageError(f"cannot use --save-dir {save_dir}: {err.strerror}") from None
-    with lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UsageError(f"another tiekd-iterate run is using --save-dir {save_dir} (it holds {LOCK})") from None
-        yield
-
-
-def _start_or_resume(save_dir, settings):
-    """The saved state of a run with the same settings, or a new one; anything else is refused."""
-    path = save_dir / STATE
-    if not path.is_file():
-        if any(not p.name.startswith(".") for p in save_dir.iterdir()):
-            raise UsageError(f"--save-dir {save_dir} holds files but no {STATE}: use a new or empty folder")
-        state = {"settings": settings, "trained": 0, "best_round": None}
-        _save_state(save_dir, state)
-        return state
-    state = json.loads(path.read_text(encoding="utf-8"))
-    for key, value in settings.items():
-        if state["settings"].get(key) != value:
-            raise UsageError(f"{save_dir} holds a run with other settings ({key} {state['settings'].get(key)!r} "
-                             f"there, {value!r} now): rerun with the same arguments or use another --save-dir")
-    return state
-
-
-def _save_state(save_dir, state):
-    atomic_write_text(save_dir / STATE, json.dumps(state, indent=1) + "\n")
-
-
-def _split_mono(text, rounds, spm_model, mono_dir, src, srcdict):
-    """Deal the sentences of ``text`` into ``rounds`` binarized shards; shards already made are kept."""
+def _split_mono(folder, text, rounds, spm_model, src, srcdict):
+    """Deal the sentences of ``text`` into ``rounds`` binarized shards in ``mono/``; shards already made are kept."""
+    mono_dir = folder.path / "mono"
     shards = [mono_dir / f"shard{r}" for r in range(1, rounds + 1)]
     missing = [i for i, shard in enumerate(shards) if not shard.is_dir()]
     if not missing:
         return shards
-    mono_dir.mkdir(exist_ok=True)
-    partial = {i: shards[i].with_name(f".{shards[i].name}.partial") for i in missing}
-    outputs = {}
-    for i, folder in partial.items():
-        shutil.rmtree(folder, ignore_errors=True)  # left over by a killed run
-        folder.mkdir()
-        outputs[i] = open(folder / f"text.{src}", "w", encoding="utf-8")
-    spm = None if spm_model is None else sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
-    for n, sentence in enumerate(mono_sentences(text)):
-        if n % rounds in outputs:
-            tokens = sentence.split() if spm is None else spm.encode(sentence, out_type=str)
-            outputs[n % rounds].write(" ".join(tokens) + "\n")
-    for i, folder in partial.items():
-        outputs[i].close()
-        run_fairseq("preprocess", [
-            "--only-source", "--source-lang", src, "--srcdict", srcdict, "--trainpref", folder / "text",
-            "--destdir", folder, "--workers", 1,
-        ])
-        (folder / f"text.{src}").unlink()
-        os.rename(folder, shards[i])
+    with ExitStack() as staged:
+        partial = {i: staged.enter_context(folder.staged(shards[i])) for i in missing}
+        outputs = {i: staged.enter_context(open(partial[i] / f"text.{src}", "w", encoding="utf-8")) for i in missing}
+        spm = None if spm_model is None else sentencepiece.SentencePieceProcessor(model_file=str(spm_model))
+        for n, sentence in enumerate(mono_sentences(text)):
+            if n % rounds in outputs:
+                tokens = sentence.split() if spm is None else spm.encode(sentence, out_type=str)
+                outputs[n % rounds].write(" ".join(tokens) + "\n")
+        for i, part in partial.items():
+            outputs[i].close()
+            run_fairseq("preprocess", [
+                "--only-source", "--source-lang", src, "--srcdict", srcdict, "--trainpref", part / "text",
+                "--destdir", part, "--workers", 1,
+            ])
+            (part / f"text.{src}").unlink()
     logger.info("%s: %d shards binarized in %s", text, len(missing), mono_dir)
     return shards
 
@@ -353,17 +305,14 @@ def _train_round(round_dir, args):
                            f"(no --no-save or --disable-validation after --)")
 
 
-def _keep_best(save_dir, state, rows):
-    """Make ``SAVE_DIR/checkpoint_best.pt`` the best round's checkpoint, copied under a temporary name first."""
+def _keep_best(folder, rows):
+    """Make ``SAVE_DIR/checkpoint_best.pt`` a copy, written whole, of the best round's checkpoint; note the round."""
     best = best_row(rows)
-    if best is None or (state["best_round"] == best.round and (save_dir / BEST).is_file()):
+    if best is None or (folder.note(BEST_ROUND) == str(best.round) and (folder.path / BEST).is_file()):
         return
-    tmp = save_dir / f".{BEST}.tmp"  # one name: a copy cut short by a kill is overwritten next time
-    shutil.copyfile(save_dir / best.checkpoint, tmp)
-    kill_point(BEST)
-    os.replace(tmp, save_dir / BEST)
-    state["best_round"] = best.round
-    _save_state(save_dir, state)
+    with open(folder.path / best.checkpoint, "rb") as source:
+        atomic_write(folder.path / BEST, lambda f: shutil.copyfileobj(source, f, 1 << 20))
+    folder.mark_done(BEST_ROUND, best.round)
 
 
 def main(argv=None):

@@ -15,9 +15,11 @@ import torch
 from fairseq import utils
 from tqdm import tqdm
 
-from .cli import UsageError, atomic_write_text, require_file, run_tool
-from .data_bin import translation_task
-from .teacher import TeacherError, load_teacher
+from tiekd_fairseq.data.data_bin import translation_task
+from tiekd_fairseq.frozen_model import load_frozen_model
+
+from .files import atomic_write_text, require_file
+from .shell import UsageError, positive, run_tool
 
 DEFAULT_BINS = (0.0, 0.4, 0.7, 1.0)
 
@@ -140,8 +142,7 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     names = list(names) if names else [str(s) for s in students]
     if len(names) != len(students) or len(set(names)) != len(names):
         raise UsageError(f"--names needs {len(students)} distinct names, one per student, got {len(names)}: {names}")
-    if k < 1:
-        raise UsageError(f"--topk must be >= 1, got {k}")
+    positive(**{"--kd-topk": k, "--max-tokens": max_tokens})
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise UsageError(f"--out {out} is a file, not a directory")
     require_file(teacher, "teacher checkpoint")
@@ -150,12 +151,13 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     task = translation_task(data_bin, subset)
     dataset = task.dataset(subset)
     if k > len(task.tgt_dict):
-        raise UsageError(f"--topk {k} exceeds the target vocabulary ({len(task.tgt_dict)} symbols)")
+        raise UsageError(f"--kd-topk {k} exceeds the target vocabulary ({len(task.tgt_dict)} symbols)")
     longest = int(max(dataset.src_sizes.max(), dataset.tgt_sizes.max()))
     if max_tokens < longest:
         raise UsageError(f"--max-tokens {max_tokens} is below the longest sentence of {subset} ({longest} tokens)")
 
-    models = [_load(teacher, task, "teacher")] + [_load(p, task, f"student {n}") for n, p in zip(names, students)]
+    models = [load_frozen_model(str(teacher), task)]
+    models += [load_frozen_model(str(path), task, role=f"student {name}") for name, path in zip(names, students)]
     device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
     for frozen in models:
         frozen.model.to(device)
@@ -184,14 +186,6 @@ def analyze(data_bin, teacher, students, names=None, subset="valid", bins=DEFAUL
     return report
 
 
-def _load(path, task, role):
-    """A frozen model built from its checkpoint's config, its dictionaries checked against the task's."""
-    try:
-        return load_teacher(str(path), task, role=role)
-    except TeacherError as err:
-        raise UsageError(str(err)) from None
-
-
 def main(argv=None):
     return run_tool("tiekd-analyze", _main, argv)
 
@@ -210,13 +204,13 @@ def _main(argv):
     default_bins = ",".join(f"{b:g}" for b in DEFAULT_BINS)
     parser.add_argument("--bins", default=default_bins, help="edges of the teacher top-1 probability bins; "
                         f"the last bin includes 1 (default: {default_bins})")
-    parser.add_argument("--topk", type=int, default=5, help="k of the top-k overlap (default: 5)")
+    parser.add_argument("--kd-topk", type=int, default=5, help="k of the top-k overlap (default: 5)")
     parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per batch (default: 4096)")
     parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
     parser.add_argument("--out", required=True, help="directory for analysis.json and analysis.md")
     args = parser.parse_args(argv)
     report = analyze(
         args.data_bin, args.teacher, args.students, names=args.names, subset=args.subset,
-        bins=parse_bins(args.bins), k=args.topk, max_tokens=args.max_tokens, cpu=args.cpu, out=args.out,
+        bins=parse_bins(args.bins), k=args.kd_topk, max_tokens=args.max_tokens, cpu=args.cpu, out=args.out,
     )
     print(markdown_table(report["results"], report["topk"]), end="")

@@ -3,7 +3,7 @@
 import lzma
 from pathlib import Path
 
-from .cli import UsageError
+from .shell import UsageError
 
 
 class RawTextError(UsageError, ValueError):

@@ -4,7 +4,7 @@ A fairseq checkpoint records the absolute paths of the machine that trained it
 (data dir, save dir, user dir, ...) and no dictionaries; a sentencepiece model
 records its training input. The exported folder holds the checkpoint with every
 absolute path in its config cleared and no optimizer state, the dictionaries
-beside it (where ``--teacher-path`` finds them), the sentencepiece model without
+beside it (where ``--teacher`` finds them), the sentencepiece model without
 its training paths, and ``SHA256SUMS``. The weights are kept bit for bit, or cast
 to fp16 with ``--fp16``.
 """
@@ -15,11 +15,14 @@ from argparse import Namespace
 from pathlib import Path
 
 import torch
-from fairseq.data import Dictionary, data_utils
+from fairseq.data import Dictionary
 
-from .cli import UsageError, atomic_write, atomic_write_text, make_output_dir, run_tool, sha256_file
-from .safe_checkpoints import check_checkpoint
-from .teacher import TeacherError, dictionary_folder
+from tiekd_fairseq.checkpoints import check_checkpoint
+from tiekd_fairseq.data.data_bin import DataBinError, language_pair
+from tiekd_fairseq.data.dictionaries import TEACHER_DATA_HELP, dictionary_folder
+
+from .files import atomic_write, atomic_write_text, sha256_file
+from .shell import UsageError, run_tool
 
 CHECKSUMS = "SHA256SUMS"
 
@@ -45,13 +48,13 @@ def export_teacher(checkpoint, out, teacher_data=None, spm_model=None, fp16=Fals
     task_cfg = vars(task_cfg) if isinstance(task_cfg, Namespace) else task_cfg
     recorded = task_cfg.get("data")
     langs = _language_pair(task_cfg, source_lang, target_lang, [teacher_data, recorded])
-    try:
-        folder = dictionary_folder(checkpoint, recorded, langs, teacher_data, "checkpoint")
-    except TeacherError as err:
-        raise UsageError(f"{err}; pass --teacher-data DIR holding them") from None
+    folder = dictionary_folder(checkpoint, recorded, langs, teacher_data)
     dictionaries = {lang: Path(folder) / f"dict.{lang}.txt" for lang in langs}
     _check_dictionaries_fit(state["model"], dictionaries, langs)
-    make_output_dir(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"cannot create --out {out}: {err.strerror}") from None
 
     model = {k: v.half() if fp16 and v.is_floating_point() else v for k, v in state["model"].items()}
     portable = {
@@ -102,9 +105,10 @@ def _language_pair(task_cfg, source_lang, target_lang, folders):
     for folder in folders:
         for part in str(folder or "").split(os.pathsep):
             if part and os.path.isdir(part):
-                found = data_utils.infer_language_pair(part)
-                if found[0] is not None:
-                    return found
+                try:
+                    return language_pair(part, None, src, tgt)
+                except DataBinError:
+                    continue
     raise UsageError("the checkpoint records no language pair and no data-bin names one: "
                      "pass --source-lang and --target-lang")
 
@@ -204,8 +208,7 @@ def _main(argv):
                     "or optimizer state, its dictionaries beside it, the sentencepiece model, SHA256SUMS.")
     parser.add_argument("checkpoint", help="fairseq checkpoint of the teacher")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--teacher-data", help="folder of the model's dict.SRC.txt and dict.TGT.txt (default: the "
-                        "checkpoint's folder, then the data dir recorded in it)")
+    parser.add_argument("--teacher-data", help=TEACHER_DATA_HELP)
     parser.add_argument("--spm-model", help="sentencepiece model to ship beside it (its training paths are removed)")
     parser.add_argument("--fp16", action="store_true", help="store floating-point weights in fp16 (half the size)")
     parser.add_argument("--source-lang", help="default: recorded in the checkpoint or read from the data-bin")

@@ -1,14 +1,15 @@
-"""``tiekd-cache-teacher``: the teacher's top-K on the gold prefix, computed once, read back per batch.
+"""The teacher cache: the teacher's top-K on the gold prefix of a subset, written once, read back per batch.
 
-One teacher pass over a binarized subset (eval mode, no gradients, the gold
-prefix as fairseq's collater builds it) stores, for every target position of
-every sentence (EOS included), the teacher's top-K token ids and log-probabilities
-and the log of the probability mass outside them. ``TeacherCache`` reads them
-back aligned with a collated batch, for ``losses.cached_kd_terms``.
+``tiekd-cache-teacher`` runs the teacher once over a binarized subset (eval mode,
+no gradients, the gold prefix as fairseq's collater builds it) and stores, for
+every target position of every sentence (EOS included), the teacher's top-K token
+ids and log-probabilities and the log of the probability mass outside them.
+``TeacherCache`` reads them back aligned with a collated batch, for
+``tiekd.cached_kd_terms``.
 
 Layout of the cache folder:
 
-- ``meta.json``: what the cache was made from (``_plan``), its dtypes and shards;
+- ``meta.json``: what the cache was made from (``cache_metadata``), its dtypes and shards;
 - ``shard-NNNNN/``: the sentences [start, end) of one shard, as three fairseq mmap
   indexed datasets (``NAME.idx`` + ``NAME.bin``) holding one item per sentence, in
   sample-id order: ``ids`` (len*K, uint16, or int32 for vocabularies of 65536 or
@@ -17,92 +18,39 @@ Layout of the cache folder:
   fairseq's mmap format has no float16 type, so the float16 values are stored as
   their bits in its uint16 slot: fairseq's own reader returns those bits.
 
-A shard is written under a temporary name and renamed when complete: a killed run
-leaves no half-written shard, and a rerun computes only the missing ones.
+A shard is written under a temporary name and renamed when complete (``write_shard``
+fills the folder it is given): a killed run leaves no half-written shard.
 """
 
-import argparse
 import hashlib
 import json
-import logging
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 from fairseq import utils
 from fairseq.data.indexed_dataset import MMapIndexedDataset
-from tqdm import tqdm
 
-from .cli import UsageError, id_list, kill_point, make_output_dir, record_run_settings, require_file, run_tool
-from .data_bin import translation_task
-from .teacher import TEACHER_DATA_HELP, TeacherError, load_teacher
+from ..errors import InputError
 
 FORMAT = "tiekd-teacher-cache/1"
-DEFAULT_SHARD_SIZE = 50000
 # (file name, K values per target position rather than 1, dtype; None for the ids, whose dtype depends
 # on the vocabulary). The tail comes first: the other two are checked against its lengths when read.
 ARRAYS = (("tail", False, np.float16), ("ids", True, None), ("lprobs", True, np.float16))
-logger = logging.getLogger(__name__)
 
 
-class TeacherCacheError(Exception):
+class TeacherCacheError(InputError):
     """A cache that cannot be read or does not fit the data: the message is one line naming the cache."""
 
 
-def build_teacher_cache(data_bin, subset, teacher, k, out, max_tokens=4096, shard_size=DEFAULT_SHARD_SIZE,
-                        cpu=False, teacher_data=None) -> Path:
-    """Cache the teacher's top-``k`` on ``subset`` of ``data_bin`` in the folder ``out``; return ``out``.
+def cache_metadata(data_bin, subset, task, teacher, k, shard_size):
+    """meta.json of a new cache: the data, dictionary and teacher it is made of, and how it is stored.
 
-    Bad input raises UsageError before the teacher runs; a rerun with the same
-    settings computes only the shards that are not finished.
+    Args:
+        data_bin, subset: where the sentences come from; task: a translation task with ``subset`` loaded.
+        teacher: what identifies the teacher checkpoint (any JSON value).
+        k: K, tokens cached per position; shard_size: sentences per shard.
     """
-    out = Path(out)
-    for flag, value in (("--topk", k), ("--max-tokens", max_tokens), ("--shard-size", shard_size)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, not {value}")
-    require_file(teacher, "teacher checkpoint")
-    task = translation_task(data_bin, subset)
-    dataset, vocab = task.dataset(subset), len(task.tgt_dict)
-    if k > vocab:
-        raise UsageError(f"--topk {k} exceeds the target vocabulary ({vocab} symbols)")
-    longest = int(max(dataset.src_sizes.max(), dataset.tgt_sizes.max()))
-    if max_tokens < longest:
-        raise UsageError(f"--max-tokens {max_tokens} is below the longest sentence of {subset} ({longest} tokens)")
-    make_output_dir(out)
-    try:
-        frozen = load_teacher(str(teacher), task, teacher_data)
-    except TeacherError as err:
-        raise UsageError(str(err)) from None
-    for side, sizes, limit in zip(("source", "target"), (dataset.src_sizes, dataset.tgt_sizes),
-                                  frozen.model.max_positions()):
-        too_long = np.flatnonzero(sizes > limit).tolist()
-        if too_long:
-            raise UsageError(f"{len(too_long)} {subset} sentences are longer than the teacher's {limit} "
-                             f"{side} positions (ids {id_list(too_long)})")
-
-    meta = _plan(data_bin, subset, task, teacher, k, shard_size)
-    record_run_settings(out / "meta.json", meta)
-    pending = [i for i in range(len(meta["shards"])) if not (out / _shard_name(i)).is_dir()]
-    logger.info("%s %s: %d sentences in %d shards, %d already cached",
-                data_bin, subset, len(dataset), len(meta["shards"]), len(meta["shards"]) - len(pending))
-    device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
-    frozen.model.to(device)
-    ids_dtype, shards = np.dtype(meta["dtypes"]["ids"]), meta["shards"]
-    with tqdm(total=sum(shards[i][1] - shards[i][0] for i in pending), unit="sentence",
-              desc=f"teacher top-{k} on {subset}") as bar:
-        for i in pending:
-            _cache_shard(frozen, dataset, *shards[i], k, ids_dtype, max_tokens, device, out / _shard_name(i), bar)
-
-    size = sum(path.stat().st_size for path in out.rglob("*") if path.is_file())
-    print(f"{out}: {meta['positions']} target positions x top-{k}, {size} bytes on disk "
-          f"({size / (meta['positions'] * k):.2f} bytes per position per K)")
-    return out
-
-
-def _plan(data_bin, subset, task, teacher, k, shard_size):
-    """meta.json: the data, dictionary and teacher the cache is made of, and how it is stored."""
     sizes = task.dataset(subset).tgt_sizes
     count = len(sizes)
     return {
@@ -110,8 +58,7 @@ def _plan(data_bin, subset, task, teacher, k, shard_size):
         "source_lang": task.cfg.source_lang, "target_lang": task.cfg.target_lang,
         "sentences": count, "positions": int(sizes.sum()), "target_sizes_sha256": _sizes_digest(sizes),
         "dictionary_size": len(task.tgt_dict), "dictionary_sha256": _dictionary_digest(task.tgt_dict),
-        "k": k, "teacher": str(Path(teacher).resolve()),
-        "teacher_bytes": os.path.getsize(teacher), "teacher_mtime_ns": os.stat(teacher).st_mtime_ns,
+        "k": k, "teacher": teacher,
         "dtypes": {"ids": "uint16" if len(task.tgt_dict) < 2**16 else "int32",
                    "lprobs": "float16", "tail": "float16"},
         "shards": [[start, min(start + shard_size, count)] for start in range(0, count, shard_size)],
@@ -127,15 +74,22 @@ def _dictionary_digest(dictionary):
     return hashlib.sha256("\n".join(dictionary.symbols).encode("utf-8")).hexdigest()
 
 
-def _shard_name(i):
+def shard_name(i):
+    """The folder name of shard ``i``."""
     return f"shard-{i:05d}"
 
 
-def _cache_shard(frozen, dataset, start, end, k, ids_dtype, max_tokens, device, shard_dir, bar):
-    """Run the teacher on sentences start..end-1 in fairseq's length-sorted batches; write the shard."""
-    partial = shard_dir.with_name(f".{shard_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)  # left over by a killed run
-    partial.mkdir()
+def write_shard(frozen, dataset, start, end, k, ids_dtype, max_tokens, device, folder, after_batch=None):
+    """Run the teacher on sentences start..end-1 in fairseq's length-sorted batches; write the shard into ``folder``.
+
+    Args:
+        frozen: the teacher (``FrozenModel``) on ``device``.
+        dataset: the subset's ``LanguagePairDataset``; start, end: the sentence ids of the shard.
+        k: K; ids_dtype: numpy dtype of the ids (``meta["dtypes"]["ids"]``); max_tokens: per batch.
+        folder: an empty folder, renamed into place by the caller once this returns.
+        after_batch: called with the number of sentences of each batch done.
+    """
+    partial = Path(folder)
     lengths = dataset.tgt_sizes[start:end].astype(np.int64)
     first = np.concatenate([[0], np.cumsum(lengths)])  # first[i - start]: first position of sentence i
     # Batches come in length order, not id order: each sentence is written in place at its offset.
@@ -154,14 +108,13 @@ def _cache_shard(frozen, dataset, start, end, k, ids_dtype, max_tokens, device, 
             lo, hi = first[sid - start], first[sid - start + 1]
             for name, array in arrays.items():
                 array[lo:hi] = values[name][row, :hi - lo]
-        bar.update(len(batch))
-        kill_point(shard_dir.name)
+        if after_batch is not None:
+            after_batch(len(batch))
     for name, per_k, dtype in ARRAYS:
         arrays[name].flush()
         with MMapIndexedDataset.Index.writer(str(partial / f"{name}.idx"), _storage_dtype(dtype or ids_dtype)) as idx:
             idx.write(lengths * (k if per_k else 1))
     del arrays
-    os.rename(partial, shard_dir)
 
 
 def _storage_dtype(dtype):
@@ -192,12 +145,12 @@ class TeacherCache:
             raise TeacherCacheError(f"teacher cache {self.path}: meta.json is not of a {FORMAT} cache")
         self.k = self.meta["k"]
         shards = self.meta["shards"]
-        missing = [_shard_name(i) for i in range(len(shards)) if not (self.path / _shard_name(i)).is_dir()]
+        missing = [shard_name(i) for i in range(len(shards)) if not (self.path / shard_name(i)).is_dir()]
         if missing:
             raise TeacherCacheError(f"teacher cache {self.path} is incomplete: {len(missing)} of {len(shards)} "
                                     f"shards missing ({', '.join(missing[:5])}); rerun tiekd-cache-teacher")
         self._starts = np.array([start for start, _ in shards])
-        self._shards = [self._open_shard(self.path / _shard_name(i), end - start)
+        self._shards = [self._open_shard(self.path / shard_name(i), end - start)
                         for i, (start, end) in enumerate(shards)]
         lengths = np.concatenate([shard["tail"][0] for shard in self._shards])
         if _sizes_digest(lengths) != self.meta["target_sizes_sha256"]:
@@ -276,28 +229,3 @@ class TeacherCache:
                 item = values[pointers[local]:pointers[local] + dest.numel()]
                 dest.copy_(torch.from_numpy(item.astype(np.int64 if name == "ids" else np.float32).reshape(dest.shape)))
         return ids, lprobs, tail
-
-
-def main(argv=None):
-    run_tool("tiekd-cache-teacher", _main, argv)
-
-
-def _main(argv):
-    parser = argparse.ArgumentParser(
-        prog="tiekd-cache-teacher",
-        description="Cache the teacher's top-K token ids and log-probabilities, and the log of its remaining "
-        "mass, at every target position of a subset (gold prefix), for KD without running the teacher.",
-    )
-    parser.add_argument("--data-bin", required=True, help="fairseq-preprocess output holding the subset")
-    parser.add_argument("--subset", default="train", help="subset to cache (default: train)")
-    parser.add_argument("--teacher", required=True, help="teacher checkpoint")
-    parser.add_argument("--topk", type=int, required=True, help="K: tokens cached per position")
-    parser.add_argument("--out", required=True, help="cache folder: meta.json and shard-NNNNN/")
-    parser.add_argument("--max-tokens", type=int, default=4096, help="tokens per teacher batch (default: 4096)")
-    parser.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE,
-                        help=f"sentences per shard, the unit of resumption (default: {DEFAULT_SHARD_SIZE})")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when CUDA is available")
-    parser.add_argument("--teacher-data", help=TEACHER_DATA_HELP)
-    args = parser.parse_args(argv)
-    build_teacher_cache(args.data_bin, args.subset, args.teacher, args.topk, args.out, max_tokens=args.max_tokens,
-                        shard_size=args.shard_size, cpu=args.cpu, teacher_data=args.teacher_data)

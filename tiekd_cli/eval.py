@@ -1,121 +1,32 @@
 """``tiekd-eval``: decode checkpoints with fairseq-generate, score them with sacreBLEU, test significance.
 
-Each system is a checkpoint, or a checkpoint folder whose last N epoch (or
-update) checkpoints are averaged first, as fairseq's
-``scripts/average_checkpoints.py`` does (that script is not part of the
-installed package). Hypotheses are put back in corpus order, detokenized, and
-scored against the raw reference text with BLEU and chrF; with two or more
-systems, sacreBLEU's paired bootstrap resampling compares each with the first.
-Every input is checked before anything is decoded.
+Each system is a checkpoint, or a checkpoint folder whose last N checkpoints are
+averaged first. Hypotheses are put back in corpus order, detokenized, and scored
+against the raw reference text with BLEU and chrF; with two or more systems,
+sacreBLEU's paired bootstrap resampling compares each with the first. Every input
+is checked before anything is decoded.
 """
 
 import argparse
 import json
-import os
-import re
-from collections import OrderedDict
 from pathlib import Path
 
 import sentencepiece
-import torch
-from fairseq import utils as fairseq_utils
-from fairseq.data import data_utils, indexed_dataset
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
 from tqdm import tqdm
 
-from . import raw_text, safe_checkpoints  # safe_checkpoints also lets averaging torch.load fairseq checkpoints
-from .cli import GENERATE_FLAGS, UsageError, atomic_write, atomic_write_text, require_file, run_fairseq, run_tool
+from tiekd_fairseq.checkpoints import check_checkpoint
+from tiekd_fairseq.data.data_bin import language_pair, subset_size
 
-# As in fairseq's average_checkpoints.py: the number is the epoch, or the update with --average-updates.
-CHECKPOINT_PATTERNS = {False: re.compile(r"checkpoint(\d+)\.pt"), True: re.compile(r"checkpoint_\d+_(\d+)\.pt")}
-HYPOTHESIS_LINE = re.compile(r"H-(\d+)\t[^\t]*\t(.*)")
+from .checkpoint_average import average_checkpoints, last_checkpoints, save_checkpoint
+from .fairseq_runner import GENERATE_FLAGS, run_fairseq
+from .files import atomic_write_text, require_file, write_lines
+from .generate_output import generated_hypotheses, in_corpus_order
+from .raw_text import read_lines
+from .shell import UsageError, positive, run_tool
+
 METRICS = {"bleu": BLEU, "chrf": CHRF}
-
-
-def read_lines(path):
-    """A UTF-8 text file's lines as sacreBLEU's command line reads them: split on newlines only, right-stripped.
-
-    Bytes that are not UTF-8 stop the tool with one line naming the file and line.
-    """
-    return [line.rstrip() for line in raw_text.iter_lines(path)]
-
-
-def subset_size(data, subset, source_lang=None, target_lang=None):
-    """Number of sentences in a binarized translation subset, found as fairseq's translation task finds it."""
-    data_dir = fairseq_utils.split_paths(str(data))[0]
-    if not Path(data_dir).is_dir():
-        raise UsageError(f"data directory {data_dir} does not exist")
-    if source_lang is None or target_lang is None:
-        source_lang, target_lang = data_utils.infer_language_pair(data_dir)
-    for pair in (f"{source_lang}-{target_lang}", f"{target_lang}-{source_lang}"):
-        prefix = os.path.join(data_dir, f"{subset}.{pair}.{source_lang}")
-        impl = indexed_dataset.infer_dataset_impl(prefix)
-        if impl is not None:
-            return len(indexed_dataset.make_dataset(prefix, impl=impl))
-    raise UsageError(f"no binarized subset {subset!r} for {source_lang}-{target_lang} in {data_dir}")
-
-
-def last_checkpoints(directory, n, update_based=False):
-    """The last ``n`` of ``checkpoint<epoch>.pt`` (or ``checkpoint_<epoch>_<update>.pt``) in ``directory``, newest first."""
-    pattern = CHECKPOINT_PATTERNS[update_based]
-    found = sorted(
-        ((int(m.group(1)), path) for path in Path(directory).iterdir() if (m := pattern.fullmatch(path.name))),
-        reverse=True,
-    )
-    if len(found) < n:
-        kind = "checkpoint_<epoch>_<update>.pt" if update_based else "checkpoint<epoch>.pt"
-        raise UsageError(f"--average-last {n}: {directory} holds {len(found)} {kind} files")
-    return [path for _, path in found[:n]]
-
-
-def average_checkpoints(paths):
-    """fairseq's averaging: the first checkpoint's state with each parameter replaced by the mean over ``paths``.
-
-    fp16 parameters are summed (and kept) in fp32; integer buffers are floor-divided, as fairseq does.
-    """
-    state, sums = None, OrderedDict()
-    for path in paths:
-        loaded = torch.load(path, map_location="cpu")
-        if state is None:
-            state = loaded
-        params = loaded["model"]
-        if list(params) != list(state["model"]):
-            raise UsageError(f"checkpoint {path} has other parameters than {paths[0]}: they cannot be averaged")
-        for key, param in params.items():
-            param = param.float() if param.dtype == torch.half else param
-            # clone(): a shared (tied) parameter must not be summed into twice.
-            sums[key] = param.clone() if key not in sums else sums[key] + param
-    for key, total in sums.items():
-        sums[key] = total.div_(len(paths)) if total.is_floating_point() else total // len(paths)
-    state["model"] = sums
-    return state
-
-
-def save_checkpoint(state, path):
-    """``torch.save`` via a temporary file in the same folder and a rename."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def restore_order(generate_output, count, what="fairseq-generate"):
-    """The top hypotheses (``H-<id>`` lines) of fairseq-generate's output in sample-id order, 0..count-1.
-
-    fairseq prints batches sorted by length; a missing id raises a one-line UsageError rather
-    than scoring a subset.
-    """
-    found = {}
-    for line in generate_output.split("\n"):
-        m = HYPOTHESIS_LINE.fullmatch(line)
-        if m:
-            found[int(m.group(1))] = m.group(2)
-    missing = [i for i in range(count) if i not in found]
-    if missing:
-        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
-        raise UsageError(
-            f"{what} returned {count - len(missing)} hypotheses for {count} sentences (missing ids: {shown}); "
-            f"fairseq skips inputs longer than the model's max positions"
-        )
-    return [found[i] for i in range(count)]
 
 
 def markdown_table(rows, baseline):
@@ -124,7 +35,8 @@ def markdown_table(rows, baseline):
     for row in rows:
         delta = "" if row["delta_bleu"] is None else f"{row['delta_bleu']:+.2f}"
         p_value = "" if row["bleu"]["p_value"] is None else f"{row['bleu']['p_value']:.4f}"
-        lines.append(f"| {row['name']} | {row['bleu']['score']:.2f} | {row['chrf']['score']:.2f} | {delta} | {p_value} |")
+        bleu, chrf = row["bleu"]["score"], row["chrf"]["score"]
+        lines.append(f"| {row['name']} | {bleu:.2f} | {chrf:.2f} | {delta} | {p_value} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,7 +87,7 @@ def _plan_systems(systems, names, average_last, average_updates):
             require_file(path, "checkpoint")
         # A training killed while saving leaves a truncated file: refused here, before any decoding.
         for checkpoint in average or [path]:
-            safe_checkpoints.check_checkpoint(checkpoint, "system")
+            check_checkpoint(checkpoint, "system")
         plans.append({"name": names[i] if names is not None else path.stem, "path": path, "average": average})
     taken = [plan["name"] for plan in plans]
     for name in taken:
@@ -184,7 +96,7 @@ def _plan_systems(systems, names, average_last, average_updates):
     return plans
 
 
-def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=0.6, max_tokens=None,
+def evaluate(data_bin, systems, ref, out, names=None, subset="test", beam=4, lenpen=0.6, max_tokens=None,
              spm_model=None, post_process=None, average_last=None, average_updates=False,
              bootstrap_samples=1000, source_lang=None, target_lang=None, cpu=False):
     """Decode, score and compare ``systems`` on ``subset`` of ``data``; write results to ``out``; return them.
@@ -195,14 +107,14 @@ def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=
     """
     if spm_model is not None and post_process is not None:
         raise UsageError("give --spm-model or --post-process, not both")
-    if average_last is not None and average_last < 1:
-        raise UsageError(f"--average-last must be at least 1, not {average_last}")
-    if bootstrap_samples < 1:
-        raise UsageError(f"--bootstrap-samples must be at least 1, not {bootstrap_samples}")
-    count = subset_size(data, subset, source_lang, target_lang)
-    references = read_lines(require_file(ref, "reference file"))
+    positive(**{"--average-last": average_last, "--bootstrap-samples": bootstrap_samples, "--beam": beam})
+    source_lang, target_lang = language_pair(data_bin, subset, source_lang, target_lang)
+    count = subset_size(data_bin, subset, source_lang, target_lang)
+    # As sacreBLEU's command line reads a reference file: lines right-stripped.
+    references = [line.rstrip() for line in read_lines(require_file(ref, "reference file"))]
     if len(references) != count:
-        raise UsageError(f"reference file {ref} has {len(references)} lines but subset {subset!r} has {count} sentences")
+        raise UsageError(f"reference file {ref} has {len(references)} lines but subset {subset!r} "
+                         f"has {count} sentences")
     if spm_model is not None:
         spm = sentencepiece.SentencePieceProcessor(model_file=str(require_file(spm_model, "sentencepiece model")))
     plans = _plan_systems(systems, names, average_last, average_updates)
@@ -212,7 +124,7 @@ def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=
     out.mkdir(parents=True, exist_ok=True)
 
     common = [
-        data, *GENERATE_FLAGS, "--gen-subset", subset, "--beam", beam, "--lenpen", lenpen,
+        data_bin, *GENERATE_FLAGS, "--gen-subset", subset, "--beam", beam, "--lenpen", lenpen,
         "--skip-invalid-size-inputs-valid-test",
     ]
     for flag, value in (("--max-tokens", max_tokens), ("--post-process", post_process),
@@ -237,10 +149,10 @@ def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=
             save_checkpoint(average_checkpoints(plan["average"]), checkpoint)
         output = run_fairseq("generate", [*common, "--path", checkpoint])
         atomic_write_text(out / f"{name}.generate.txt", output)
-        hypotheses = restore_order(output, count, what=f"fairseq-generate on {checkpoint}")
+        hypotheses = in_corpus_order(generated_hypotheses(output), range(count), f"fairseq-generate on {checkpoint}")
         if spm_model is not None:
             hypotheses = [spm.decode(line.split()) for line in hypotheses]
-        atomic_write_text(out / f"{name}.hyp", "".join(line + "\n" for line in hypotheses))
+        write_lines(out / f"{name}.hyp", hypotheses)
         named_hypotheses.append((name, hypotheses))
         system_info.append({
             "checkpoint": str(checkpoint), "hypotheses": str(out / f"{name}.hyp"),
@@ -251,7 +163,7 @@ def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=
     for row, info in zip(scores["systems"], system_info):
         row.update(info)
     results = {
-        "data": str(data), "ref": str(ref), "sentences": count, "decoding": decoding,
+        "data_bin": str(data_bin), "ref": str(ref), "sentences": count, "decoding": decoding,
         "baseline": plans[0]["name"], "significance_test": None if len(plans) < 2 else "paired bootstrap resampling",
         "bootstrap_samples": None if len(plans) < 2 else bootstrap_samples, **scores,
     }
@@ -266,10 +178,12 @@ def evaluate(data, systems, ref, out, names=None, subset="test", beam=4, lenpen=
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
-        prog="tiekd-eval", description="Decode checkpoints with fairseq-generate, score them with sacreBLEU, test significance."
+        prog="tiekd-eval",
+        description="Decode checkpoints with fairseq-generate, score them with sacreBLEU, test significance.",
     )
-    parser.add_argument("data", help="fairseq data-bin folder (dictionaries and the binarized subset)")
-    parser.add_argument("systems", nargs="+", help="checkpoints (the first is the baseline), or folders with --average-last")
+    parser.add_argument("--data-bin", required=True, help="fairseq-preprocess output holding the subset")
+    parser.add_argument("systems", nargs="+",
+                        help="checkpoints (the first is the baseline), or folders with --average-last")
     parser.add_argument("--ref", required=True, help="raw reference text of the subset, one sentence a line")
     parser.add_argument("--out", required=True, help="folder for hypotheses, results.md and results.json")
     parser.add_argument("--names", nargs="+", help="one name per system (default: file stem)")
@@ -280,10 +194,12 @@ def main(argv=None):
     detok = parser.add_mutually_exclusive_group()
     detok.add_argument("--spm-model", help="sentencepiece model that detokenizes the hypotheses")
     detok.add_argument("--post-process", help="fairseq's subword removal scheme (sentencepiece, subword_nmt, ...)")
-    parser.add_argument("--average-last", type=int, metavar="N", help="average the last N checkpoints of a folder system")
+    parser.add_argument("--average-last", type=int, metavar="N",
+                        help="average the last N checkpoints of a folder system")
     parser.add_argument("--average-updates", action="store_true",
                         help="average checkpoint_<epoch>_<update>.pt files instead of checkpoint<epoch>.pt")
-    parser.add_argument("--bootstrap-samples", type=int, default=1000, help="paired bootstrap resamples (default: 1000)")
+    parser.add_argument("--bootstrap-samples", type=int, default=1000,
+                        help="paired bootstrap resamples (default: 1000)")
     parser.add_argument("--source-lang", help="default: inferred from the data folder")
     parser.add_argument("--target-lang", help="default: inferred from the data folder")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even if a GPU is visible")
@@ -291,7 +207,7 @@ def main(argv=None):
     def run(argv):
         args = parser.parse_args(argv)
         evaluate(
-            args.data, args.systems, args.ref, args.out, names=args.names, subset=args.subset, beam=args.beam,
+            args.data_bin, args.systems, args.ref, args.out, names=args.names, subset=args.subset, beam=args.beam,
             lenpen=args.lenpen, max_tokens=args.max_tokens, spm_model=args.spm_model,
             post_process=args.post_process, average_last=args.average_last, average_updates=args.average_updates,
             bootstrap_samples=args.bootstrap_samples, source_lang=args.source_lang, target_lang=args.target_lang,

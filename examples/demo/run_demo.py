@@ -6,9 +6,12 @@ The teacher, its sentencepiece model and dictionaries ship in
 ``examples/demo/teacher`` (checked against ``SHA256SUMS`` before use); the
 ``full`` profile trains all three anew with the same commands.
 
-Every stage writes its outputs into ``--out`` and marks itself done in
-``--out/stages``; a rerun skips the finished stages, and a stage that was
-interrupted goes on from its last checkpoint (fairseq's ``checkpoint_last.pt``).
+``--out`` is a run folder (``tiekd_cli.run_folder``): every stage writes its
+outputs there, its log to ``logs/<stage>.log`` and its done marker to ``done/``;
+a rerun skips the finished stages, and a stage that was interrupted goes on from
+its last checkpoint (fairseq's ``checkpoint_last.pt``).
+
+    python examples/demo/run_demo.py --profile default --out demo-out   # what `make demo` runs
 """
 
 import argparse
@@ -25,12 +28,19 @@ from pathlib import Path
 
 import torch
 
-from .cli import PLUGIN_DIR, UsageError, atomic_write, atomic_write_text, one_line, run_fairseq, run_tool
-from .export_teacher import verify_checksums
-from .raw_text import RawTextError, read_parallel, read_lines
+from tiekd_cli.analyze import analyze
+from tiekd_cli.eval import evaluate
+from tiekd_cli.export_teacher import export_teacher, verify_checksums
+from tiekd_cli.fairseq_runner import PLUGIN_DIR, run_fairseq
+from tiekd_cli.files import atomic_write, atomic_write_text, write_lines
+from tiekd_cli.iterate import iterate
+from tiekd_cli.raw_text import RawTextError, read_lines, read_parallel
+from tiekd_cli.run_folder import RunFolder
+from tiekd_cli.shell import UsageError, run_tool
+from tiekd_fairseq.errors import one_line
 
-REPO = PLUGIN_DIR.parent
-DEMO_DIR = REPO / "examples" / "demo"
+# A recipe, not an installed command: it reads its corpus and teacher beside itself.
+DEMO_DIR = Path(__file__).resolve().parent
 SRC, TGT = "en", "de"
 TEACHER_FILES = ("teacher.pt", f"dict.{SRC}.txt", f"dict.{TGT}.txt", "spm.model")
 logger = logging.getLogger(__name__)
@@ -97,27 +107,24 @@ class StageFailed(Exception):
 
 
 class Stages:
-    """Done-markers in ``out/stages``: a stage runs once; a rerun skips it.
+    """The demo's stages in a run folder: each runs once, logs to ``logs/<name>.log``, and is marked done.
 
-    Each stage's own logging, and the traceback of a failure, go to ``out/stages/<name>.log``.
+    Each stage's own logging, and the traceback of a failure, go to its log.
     """
 
-    def __init__(self, out, names):
-        self.dir = Path(out) / "stages"
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.names = names
-
-    def done(self, name):
-        return (self.dir / f"{name}.done").is_file()
+    def __init__(self, run_folder, names):
+        self.folder, self.names = run_folder, names
+        self.logs = run_folder.path / "logs"
+        self.logs.mkdir(exist_ok=True)
 
     def run(self, name, work):
         number = f"[{self.names.index(name) + 1}/{len(self.names)}]"
-        if self.done(name):
+        if self.folder.done(name):
             print(f"{number} {name}: done before, skipped", flush=True)
             return
         print(f"{number} {name}", flush=True)
         start = time.monotonic()
-        log = self.dir / f"{name}.log"
+        log = self.logs / f"{name}.log"
         handler = logging.FileHandler(log)
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger().addHandler(handler)
@@ -133,16 +140,16 @@ class Stages:
             logging.getLogger().removeHandler(handler)
             handler.close()
         seconds = time.monotonic() - start
-        atomic_write_text(self.dir / f"{name}.done", f"{seconds:.0f}\n")
+        self.folder.mark_done(name, f"{seconds:.0f}")
         print(f"{number} {name}: finished in {seconds / 60:.1f} min", flush=True)
+
+    def minutes(self):
+        """Minutes of each finished stage, by name."""
+        return {name: int(self.folder.note(name)) / 60 for name in self.names if self.folder.done(name)}
 
 
 def _encode(sp, lines):
     return [" ".join(pieces) for pieces in sp.encode(lines, out_type=str)]
-
-
-def _write_lines(path, lines):
-    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def prepare_data(corpus, vocab_dir, data_dir, profile):
@@ -166,7 +173,7 @@ def prepare_data(corpus, vocab_dir, data_dir, profile):
     model = vocab_dir / "spm.model"
     if not model.is_file():
         text = data_dir / "spm-input.txt"
-        _write_lines(text, [side for pair in pairs["train"] for side in pair if side.strip()])
+        write_lines(text, [side for pair in pairs["train"] for side in pair if side.strip()])
         spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(vocab_dir / "spm"), vocab_size=VOCAB_SIZE,
                                        character_coverage=1.0, input_sentence_size=10**6, shuffle_input_sentence=True,
                                        seed_sentencepiece_size=10**6, minloglevel=2)
@@ -181,9 +188,9 @@ def prepare_data(corpus, vocab_dir, data_dir, profile):
             keep = [i for i in keep if max(len(encoded[i][0].split()), len(encoded[i][1].split())) <= MAX_LEN]
         keep = list(keep)[: limits[split] or None]
         for side, lang in enumerate((SRC, TGT)):
-            _write_lines(data_dir / f"{split}.sp.{lang}", [encoded[i][side] for i in keep])
-        _write_lines(data_dir / f"{split}.{TGT}", [split_pairs[i][1] for i in keep])
-    _write_lines(data_dir / f"mono.{SRC}", mono[: profile.mono_sentences or None])
+            write_lines(data_dir / f"{split}.sp.{lang}", [encoded[i][side] for i in keep])
+        write_lines(data_dir / f"{split}.{TGT}", [split_pairs[i][1] for i in keep])
+    write_lines(data_dir / f"mono.{SRC}", mono[: profile.mono_sentences or None])
     dictionary = vocab_dir / f"dict.{SRC}.txt"
     bin_dir = data_dir / "bin"
     shutil.rmtree(bin_dir, ignore_errors=True)
@@ -231,9 +238,6 @@ def teacher_args():
 
 def train_teacher(data_bin, teacher_dir, profile):
     """Train the teacher and export its best checkpoint in fp16 with dictionaries, sentencepiece model and card."""
-    from .evaluation import evaluate
-    from .export_teacher import export_teacher
-
     teacher_dir, data_dir = Path(teacher_dir), Path(data_bin).parent
     run_dir = teacher_dir / "train"
     train(data_bin, run_dir, teacher_args(), profile.teacher_updates, "teacher")
@@ -279,7 +283,7 @@ and the joint dictionary fairseq built from them (`dict.en.txt`, `dict.de.txt`):
   - `{scores["signatures"]["chrf"]}`
 - Exported by `tiekd-export-teacher --fp16`: `teacher.pt` holds the weights in fp16, no optimizer state and
   no path of the machine that trained it (its data, save and user dirs are cleared), and `spm.model` no
-  training path; the dictionaries sit beside `teacher.pt`, where `--teacher-path` finds them. `make demo`
+  training path; the dictionaries sit beside `teacher.pt`, where `--teacher` finds them. `make demo`
   checks the four files against `SHA256SUMS` before it uses them.
 """
     atomic_write_text(Path(teacher_dir) / "TEACHER.md", text)
@@ -325,20 +329,20 @@ class Demo:
     def run(self):
         if not self.profile.train_teacher:
             verify_checksums(self.teacher_dir, TEACHER_FILES)
-        self.stages = Stages(self.out, self.stage_names)
-        settings = self.out / "settings.json"
-        mine = {"profile": self.profile_name, "teacher": str(self.teacher.resolve())}
-        if settings.is_file() and json.loads(settings.read_text()) != mine:
-            raise UsageError(f"{self.out} holds a demo run with other settings ({settings}): use another --out "
-                             f"or delete it")
-        atomic_write_text(settings, json.dumps(mine) + "\n")
+        settings = {"profile": self.profile_name, "teacher": str(self.teacher.resolve())}
+        with RunFolder(self.out, settings, "make demo") as folder:
+            self.stages = Stages(folder, self.stage_names)
+            self._run_stages()
+        print((self.out / "results.md").read_text(), end="")
+
+    def _run_stages(self):
         self.teacher_dir.mkdir(exist_ok=True)
         stage = self.stages.run
         stage("data", lambda: prepare_data(self.corpus, self.teacher_dir, self.out / "data", self.profile))
         if self.profile.train_teacher:
             stage("teacher", lambda: train_teacher(self.data_bin, self.teacher_dir, self.profile))
         for name in STUDENTS:
-            task = ("translation",) if name == "ce" else ("translation_kd", "--teacher-path", self.teacher)
+            task = ("translation",) if name == "ce" else ("translation_kd", "--teacher", self.teacher)
             stage(name, lambda name=name, task=task: train(
                 self.data_bin, self.out / name, ("--task", *task, *student_args(name, self.profile)),
                 self.profile.student_updates, name))
@@ -346,12 +350,9 @@ class Demo:
         stage("evaluate", self.evaluate)
         stage("analyze", self.analyze)
         stage("report", self.report)
-        print((self.out / "results.md").read_text(), end="")
 
     def iterate(self):
         """One round of TIE-KD on the Ding English text, from the TIE-KD student."""
-        from .iterate import iterate
-
         train_args = [*student_args("tie_kd", self.profile), "--max-update", self.profile.iterate_updates,
                       "--no-epoch-checkpoints", "--num-workers", 0]
         iterate(self.data_bin, self.out / "data" / f"mono.{SRC}", self.teacher, self.out / "iterate",
@@ -364,16 +365,12 @@ class Demo:
         return [(name, self.checkpoint(name)) for name in (*STUDENTS, ITERATED)] + [("teacher", self.teacher)]
 
     def evaluate(self):
-        from .evaluation import evaluate
-
         names, paths = zip(*self.systems())
         evaluate(self.data_bin, paths, self.out / "data" / f"test.{TGT}", self.out / "eval", names=names,
                  subset="test", spm_model=self.teacher_dir / "spm.model",
                  bootstrap_samples=self.profile.bootstrap_samples, cpu=not torch.cuda.is_available())
 
     def analyze(self):
-        from .analysis import analyze
-
         names, paths = zip(*self.systems()[:-1])
         analyze(self.data_bin, self.teacher, paths, names=names, subset="test", out=self.out / "analysis",
                 cpu=not torch.cuda.is_available())
@@ -381,12 +378,8 @@ class Demo:
     def report(self):
         results = json.loads((self.out / "eval" / "results.json").read_text())
         write_report(self.out, self.profile_name, self.profile, (self.out / "eval" / "results.md").read_text(),
-                     (self.out / "analysis" / "analysis.md").read_text(), self.stage_minutes())
+                     (self.out / "analysis" / "analysis.md").read_text(), self.stages.minutes())
         bar_chart([(s["name"], s["bleu"]["score"]) for s in results["systems"]], self.out / "bleu.png")
-
-    def stage_minutes(self):
-        return {name: int((self.stages.dir / f"{name}.done").read_text()) / 60
-                for name in self.stages.names if self.stages.done(name)}
 
 
 def write_report(out, profile_name, profile, scores, analysis_table, minutes):
@@ -446,12 +439,12 @@ def bar_chart(bleu, path):
 
 
 def main(argv=None):
-    return run_tool("tiekd-demo", _main, argv)
+    return run_tool("make demo", _main, argv)
 
 
 def _main(argv):
     parser = argparse.ArgumentParser(
-        prog="tiekd-demo",
+        prog="run_demo.py",
         description="Teacher, CE / word-KD / TIE-KD students and iterative KD on LibreOffice help (en-de), "
                     "compared on its test set. A rerun skips finished stages.")
     parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

@@ -1,0 +1,328 @@
+"""What every KD criterion shares: its flags, what it needs from the task, the pass loop, logging and metrics.
+
+On a batch with gold target y (positions where y != pad):
+
+    L = (1 - alpha) * LS-CE(gold prefix)
+        + alpha * (1/N) * sum_{n=1..N} sum_t [ KL_t^(n) + lambda * Rank_t^(n) ]
+
+Pass 1 decodes the gold prefix; pass n >= 2 decodes [first column of the gold
+prefix, the student's pass n-1 argmax shifted right], with the teacher decoding
+the same prefix. Each encoder runs once per step. A source-only batch has the KD
+part alone, on a prefix written by greedy decoding.
+"""
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import NamedTuple, Optional
+
+import torch
+from fairseq import utils
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+    label_smoothed_nll_loss,
+)
+from fairseq.logging import metrics
+
+from tiekd import (
+    agreement_counts,
+    cached_kd_terms,
+    max_rows_for_budget,
+    next_predictions,
+    prefix_and_target,
+    row_chunks,
+    student_prefix,
+)
+
+from ..greedy import greedy_decode
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    """Flags every KD criterion has."""
+
+    kd_alpha: float = field(
+        default=0.5, metadata={"help": "weight alpha of the KD term; the label-smoothed CE gets 1 - alpha"}
+    )
+    kd_temperature: float = field(
+        default=1.0,
+        metadata={"help": "temperature tau of the KL term only (both sides softened, KL scaled by tau^2)"},
+    )
+    kd_memory_budget: int = field(
+        default=2048,
+        metadata={"help": "MiB for the KD terms' dense fp32 temporaries (positions x vocabulary); a batch that "
+                          "needs more is computed over chunks of positions, with the same result; 0: never chunk"},
+    )
+
+
+@dataclass(frozen=True)
+class TeacherUse:
+    """What a KD criterion needs from the task's teacher, declared once.
+
+    passes: decoder passes per step (the teacher decodes each one).
+    cache_topk: the K a ``--teacher-cache`` must hold to serve pass 1; None when a cache cannot serve it.
+    learns_from_source_only: whether source-only batches (no gold target) give it anything to learn.
+    """
+
+    passes: int
+    cache_topk: Optional[int]
+    learns_from_source_only: bool
+
+
+class KDPasses(NamedTuple):
+    """The result of a step's N passes."""
+
+    kd: torch.Tensor  # KL summed over KD positions, averaged over passes
+    rank: torch.Tensor  # ranking loss, the same way
+    student_output: tuple  # the student's pass-1 net output
+    teacher_top1: torch.Tensor  # (B, T) the teacher's pass-1 argmax
+    lprobs: Optional[torch.Tensor]  # (B, T, V) the student's pass-1 log-probs, when asked for
+    nonfinite: int  # positions of any pass, padding included, whose terms are not finite
+
+
+_BASE_KEYS = ("loss", "nll_loss", "ntokens", "nsentences", "sample_size")
+
+
+class KDCriterion(LabelSmoothedCrossEntropyCriterion):
+    """Label-smoothed CE plus ``kd_terms`` over N passes; subclasses give the terms and the constants.
+
+    Args (beyond fairseq's): alpha, temperature, memory budget (MiB) as in ``KDConfig``;
+    topk (k of the ranking loss or of a partial target), iterations (N), rank_weight (lambda).
+    """
+
+    name = "kd"
+    # kd_terms works from logits; a criterion whose terms need the student's log-probabilities sets this.
+    kd_needs_lprobs = False
+
+    def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, *, alpha,
+                 temperature, memory_budget, topk, iterations, rank_weight):
+        super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
+        self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
+        self.require_flag(0 <= alpha <= 1, f"--kd-alpha must be in [0, 1], got {alpha}")
+        self.require_flag(topk >= 1, f"--kd-topk must be >= 1, got {topk}")
+        self.require_flag(temperature > 0, f"--kd-temperature must be > 0, got {temperature}")
+        self.require_flag(memory_budget >= 0, f"--kd-memory-budget must be >= 0 (MiB), got {memory_budget}")
+        self.alpha = alpha
+        self.topk = topk
+        self.iterations = iterations
+        self.rank_weight = rank_weight
+        self.temperature = temperature
+        self.memory_budget = memory_budget * 2**20
+        self._chunking_logged = self._skip_logged = False
+
+    def require_flag(self, ok, message):
+        """Stop before training with one line naming the flag."""
+        if not ok:
+            raise SystemExit(f"{self.name}: error: {message}")
+
+    @property
+    def teacher_use(self) -> TeacherUse:
+        # A cache holds temperature-1 top-K log-probs: the full KL at tau 1, and the ranking loss's k of them.
+        cacheable = self.temperature == 1 and not self.kd_needs_lprobs
+        return TeacherUse(
+            passes=self.iterations,
+            cache_topk=(self.topk if self.rank_weight else 1) if cacheable else None,
+            learns_from_source_only=self.alpha > 0,
+        )
+
+    def kd_terms(self, student_logits, student_lprobs, teacher_logits, target):
+        """Per-position (KL, ranking) of one pass: each (B, T).
+
+        Args:
+            student_logits, teacher_logits: (B, T, V).
+            student_lprobs: (B, T, V) on pass 1 when ``kd_needs_lprobs``, else None.
+            target: (B, T) gold ids (or the greedy prefix's targets on a source-only batch).
+        """
+        raise NotImplementedError
+
+    def forward(self, model, sample, reduce=True):
+        # Validation (and alpha = 0) is plain label-smoothed CE, comparable with a CE run.
+        if not model.training or self.alpha == 0:
+            return super().forward(model, sample, reduce=reduce)
+        teacher = self.task.teacher  # None when a teacher cache serves the only pass
+        if teacher is not None:
+            teacher.follow(next(model.parameters()))
+        if sample.get("mono"):
+            return self._mono_forward(model, sample, teacher)
+        target = sample["target"]
+        mask = target.ne(self.padding_idx)
+        mask[:, : self.ignore_prefix_size] = False
+        cached = None
+        if self.task.teacher_cache is not None:
+            cached = [t.to(target.device) for t in self.task.teacher_cache.batch(sample["id"], target.size(1),
+                                                                                    self.padding_idx)]
+        passes = self._kd_passes(model, teacher, sample["net_input"], target, mask, need_lprobs=True, cached=cached)
+        ce, nll = self._gold_loss(passes.lprobs, target)
+        if passes.nonfinite:
+            # The KD graph stays out of the loss: its backward would turn the NaNs into NaN gradients (0 * NaN).
+            loss, kd_logs = (1 - self.alpha) * ce, self._skipped(passes.nonfinite)
+        else:
+            loss = (1 - self.alpha) * ce + self.alpha * (passes.kd + self.rank_weight * passes.rank)
+            kd_logs = dict(kd=passes.kd.data, rank=passes.rank.data,
+                           **agreement_counts(passes.student_output[0], passes.teacher_top1, target, mask))
+        sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
+        return loss, sample_size, self._logging_output(
+            loss=loss.data, nll_loss=nll.data, ntokens=sample["ntokens"], nsentences=sample["target"].size(0),
+            sample_size=sample_size, **kd_logs,
+        )
+
+    def _skipped(self, nonfinite):
+        """Logging values of a batch whose KD term was dropped for a non-finite teacher output."""
+        if not self._skip_logged:
+            logger.warning("%s: the teacher's output is not finite at %d positions of a batch: its KD term is "
+                           "skipped (CE only); skipped batches are counted as kd_skipped", self.name, nonfinite)
+            self._skip_logged = True
+        return {"kd_skipped": 1}
+
+    def _mono_forward(self, model, sample, teacher):
+        """A source-only batch: the prefix writer decodes greedily, then KD alone (there is no gold, no CE).
+
+        The loss is normalised per target token like a parallel batch: its sample size
+        is the number of generated tokens, EOS included.
+        """
+        net_input = sample["net_input"]
+        src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
+        eos = self.task.tgt_dict.eos()
+        cfg = self.task.cfg
+        writer = teacher.model if cfg.mono_prefix == "teacher" else model
+        was_training = writer.training
+        writer.eval()
+        try:
+            hyps = greedy_decode(writer, src_tokens, src_lengths, cfg.mono_max_len_a, cfg.mono_max_len_b,
+                                 eos=eos, pad=self.padding_idx)
+        finally:
+            writer.train(was_training)
+        prev, target = prefix_and_target(hyps, eos=eos, pad=self.padding_idx)
+        mask = target.ne(self.padding_idx)
+        net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev}
+        passes = self._kd_passes(model, teacher, net_input, target, mask, self.kd_needs_lprobs)
+        if passes.nonfinite:
+            # Nothing to learn from this batch: a zero loss (zero gradients) that weighs nothing in the update.
+            loss, sample_size = passes.student_output[0].sum() * 0, 0
+            kd_logs = self._skipped(passes.nonfinite)
+        else:
+            loss = self.alpha * (passes.kd + self.rank_weight * passes.rank)
+            tokens = int(mask.sum())
+            sample_size = src_tokens.size(0) if self.sentence_avg else tokens
+            kd_logs = dict(kd_mono=passes.kd.data, rank_mono=passes.rank.data, mono_tokens=tokens,
+                           mono_sentences=src_tokens.size(0))
+        # ntokens 0: nll_loss and ppl stay about gold tokens.
+        return loss, sample_size, self._logging_output(
+            loss=loss.data, nll_loss=0.0, ntokens=0, nsentences=src_tokens.size(0), sample_size=sample_size,
+            **kd_logs,
+        )
+
+    def _logging_output(self, **values):
+        """The same keys, of the same types, for every training batch of a run.
+
+        fairseq sums logging outputs across ranks and accumulated batches by the keys
+        of the first one and reduces tensors and numbers in separate buffers, so a
+        parallel and a source-only batch must agree on both: KD values are tensors on
+        the loss's device, zeros where a kind of batch has none.
+        """
+        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold", "kd_skipped"] + ["rank"] * bool(self.rank_weight)
+        if self.task.mono_shards:
+            keys += ["kd_mono", "mono_tokens", "mono_sentences"] + ["rank_mono"] * bool(self.rank_weight)
+        device = values["loss"].device
+        output = {k: values[k] for k in _BASE_KEYS}
+        output["nll_loss"] = torch.as_tensor(output["nll_loss"], device=device)
+        output.update({k: torch.as_tensor(values.get(k, 0), device=device) for k in keys})
+        return output
+
+    def _kd_passes(self, model, teacher, net_input, target, mask, need_lprobs, cached=None) -> KDPasses:
+        """The N passes from ``net_input``'s prefix.
+
+        Pass 1 is one forward through the (possibly DDP-wrapped) model; its encoder output
+        is captured for the later passes, which call the decoder alone. ``cached`` (ids,
+        log-probs, tail) replaces the teacher on pass 1; later passes decode new prefixes,
+        so they run the teacher.
+        """
+        src_lengths = net_input["src_lengths"]
+        first_prev = net_input["prev_output_tokens"]
+        encoder_outs = []
+        hook = model.encoder.register_forward_hook(lambda _m, _i, out: encoder_outs.append(out))
+        try:
+            net_output = model(**net_input)
+        finally:
+            hook.remove()
+        needs_teacher = cached is None or self.iterations > 1
+        teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths) if needs_teacher else None
+        prev, lprobs, predictions = first_prev, None, None
+        kd_sum = rank_sum = nonfinite = 0
+        for n in range(self.iterations):
+            if n > 0:
+                prev = student_prefix(first_prev, predictions, self.padding_idx)
+                net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
+            student_logits = net_output[0]
+            if n == 0 and need_lprobs:
+                lprobs = model.get_normalized_probs(net_output, log_probs=True)
+            if n == 0 and cached is not None:
+                # The CE's log-probs: the cached terms need them at a few tokens only, and share their backward.
+                kl, rank = cached_kd_terms(lprobs, *cached, self.topk, self.rank_weight > 0, normalized=True,
+                                           max_rows=max_rows_for_budget(lprobs.size(-1), self.memory_budget))
+                first = (net_output, cached[0][..., 0])
+            else:
+                teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
+                kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
+                if n == 0:
+                    first = (net_output, teacher_logits.argmax(dim=-1))
+            kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
+            rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
+            # Padding positions count too: masked out of the value, their NaNs would still reach the gradient.
+            nonfinite = nonfinite + (~torch.isfinite(kl + rank)).sum()
+            if n + 1 < self.iterations:
+                predictions = next_predictions(student_logits, self.padding_idx)
+        return KDPasses(kd_sum / self.iterations, rank_sum / self.iterations, *first, lprobs, int(nonfinite))
+
+    def max_rows(self, logits):
+        """Positions per chunk of the KD terms under --kd-memory-budget (None: all at once); logs the first split."""
+        vocab = logits.size(-1)
+        rows, max_rows = logits.numel() // vocab, max_rows_for_budget(vocab, self.memory_budget)
+        if max_rows is None or rows <= max_rows:
+            return None
+        if not self._chunking_logged:
+            logger.info("%s: the KD terms of %d positions x %d vocabulary exceed --kd-memory-budget %d MiB: "
+                        "computed in %d chunks of up to %d positions (logged once)", self.name, rows, vocab,
+                        self.memory_budget // 2**20, len(row_chunks(rows, max_rows)), max_rows)
+            self._chunking_logged = True
+        return max_rows
+
+    def _gold_loss(self, lprobs, target):
+        lprobs = lprobs[:, self.ignore_prefix_size :]
+        target = target[:, self.ignore_prefix_size :]
+        return label_smoothed_nll_loss(
+            lprobs.reshape(-1, lprobs.size(-1)), target.reshape(-1), self.eps, ignore_index=self.padding_idx
+        )
+
+    @classmethod
+    def reduce_metrics(cls, logging_outputs) -> None:
+        if sum(log.get("ntokens", 0) for log in logging_outputs) > 0:
+            super().reduce_metrics(logging_outputs)
+        else:
+            # Only source-only batches: there is a loss but no gold token for nll_loss.
+            loss_sum = utils.item(sum(log.get("loss", 0) for log in logging_outputs))
+            sample_size = utils.item(sum(log.get("sample_size", 0) for log in logging_outputs))
+            if sample_size:  # 0 when every batch was skipped
+                metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
+        # kd, rank: nats / probability gaps per target token; top1_agree, teacher_gold: % of tokens.
+        for denominator, keys in (
+            ("kd_tokens", (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2))),
+            ("mono_tokens", (("kd_mono", 1, 4), ("rank_mono", 1, 4))),
+        ):
+            tokens = utils.item(sum(log.get(denominator, 0) for log in logging_outputs))
+            if tokens == 0:
+                continue
+            for key, scale, digits in keys:
+                if any(key in log for log in logging_outputs):
+                    total = utils.item(sum(log.get(key, 0) for log in logging_outputs))
+                    metrics.log_scalar(key, scale * total / tokens, tokens, round=digits)
+        skipped = utils.item(sum(log.get("kd_skipped", 0) for log in logging_outputs))
+        if skipped:
+            metrics.log_scalar_sum("kd_skipped", skipped)
+        mono_sentences = sum(log.get("mono_sentences", 0) for log in logging_outputs)
+        if mono_sentences:
+            metrics.log_scalar_sum("mono_sents", mono_sentences)
+            metrics.log_scalar_sum("mono_toks", utils.item(sum(log.get("mono_tokens", 0) for log in logging_outputs)))

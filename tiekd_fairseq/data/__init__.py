@@ -1,0 +1,1 @@
+"""What training and the tools read: data-bins, dictionaries, source-only shards, the teacher cache."""
