@@ -33,9 +33,9 @@ STUDENT_ARCH = [
 COMMON = ["--cpu", "--seed", "1", "--no-progress-bar", "--log-interval", "5", "--num-workers", "0"]
 
 
-def run(cmd, check=True, **kwargs):
-    """Run a command; on an unexpected exit code fail with its output."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+def run(cmd, check=True, env_extra=None, **kwargs):
+    """Run a command (``env_extra`` added to its environment); on an unexpected exit code fail with its output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env_extra or {})}
     proc = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, env=env, **kwargs)
     if check and proc.returncode != 0:
         pytest.fail(f"{cmd[0]} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")

@@ -89,14 +89,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("backend", ["pytorch_ddp", "legacy_ddp"])
-def test_two_process_gloo_ddp_ends_with_identical_parameters(corpus, teacher, tmp_path, backend):
+# One GPU visible: fairseq's default world size is then 1, and without the plugin each process trains alone.
+@pytest.mark.parametrize("backend,visible_gpus", [("pytorch_ddp", 0), ("legacy_ddp", 0), ("pytorch_ddp", 1)])
+def test_two_process_gloo_ddp_ends_with_identical_parameters(corpus, teacher, tmp_path, backend, visible_gpus):
     dump = tmp_path / "params"
     dump.mkdir()
     train = kd_train_args(corpus.data_bin, teacher, tmp_path / "s", "--max-update", "6",
                           "--distributed-backend", "gloo", "--distributed-no-spawn", "--ddp-backend", backend)
     run([BIN / "torchrun", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-         "--master_port", _free_port(), REPO / "tests" / "train_and_dump.py", dump, *train])
+         "--master_port", _free_port(), REPO / "tests" / "train_and_dump.py", dump, *train],
+        env_extra={"VISIBLE_GPUS": str(visible_gpus)} if visible_gpus else {})
     ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["data_parallel"] == ranks[1]["data_parallel"] == 2
     wrapper = {"pytorch_ddp": "DistributedDataParallel", "legacy_ddp": "LegacyDistributedDataParallel"}[backend]

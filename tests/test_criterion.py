@@ -17,15 +17,20 @@ from tiekd import hierarchical_ranking_loss, kl_divergence
 from conftest import STUDENT_ARCH, USER_DIR
 
 
-def build(data_bin, teacher, *extra):
-    """task, student and criterion exactly as fairseq-train builds them from these flags."""
+def training_config(data_bin, teacher, *extra):
+    """fairseq-train's configuration for a tiny tie_kd student (no dropout) with these flags added."""
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, [
         str(data_bin), "--user-dir", USER_DIR, "--task", "translation_kd", "--teacher", str(teacher),
         *STUDENT_ARCH, "--dropout", "0", "--cpu", "--max-tokens", "4096", "--label-smoothing", "0.1",
         "--criterion", "tie_kd", *extra,
     ])
-    cfg = convert_namespace_to_omegaconf(args)
+    return convert_namespace_to_omegaconf(args)
+
+
+def build(data_bin, teacher, *extra):
+    """task, student and criterion exactly as fairseq-train builds them from these flags."""
+    cfg = training_config(data_bin, teacher, *extra)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(3)
     model = task.build_model(cfg.model)
@@ -159,6 +164,8 @@ def test_teacher_follows_the_student_precision(setup, dtype):
     ("--kd-alpha", "1.5", "--kd-alpha must be in [0, 1]"),
     ("--kd-iterations", "0", "--kd-iterations must be >= 1"),
     ("--kd-topk", "0", "--kd-topk must be >= 1"),
+    ("--kd-max-skipped-frac", "1.5", "--kd-max-skipped-frac must be in [0, 1]"),
+    ("--kd-skipped-window", "0", "--kd-skipped-window must be >= 1"),
 ])
 def test_bad_criterion_flags_are_one_clear_line(corpus, teacher, flag, value, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):

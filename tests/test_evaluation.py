@@ -73,6 +73,33 @@ def test_scores_are_sacrebleu_on_the_written_hypotheses(evaluated, corpus, teach
     assert f"| noisy | {other['bleu']['score']:.2f} | {other['chrf']['score']:.2f} |" in report
 
 
+def cli_p_values(stdout):
+    """{metric name: [p-value of each system after the baseline]} from sacreBLEU's multi-system text table."""
+    header = next(line for line in stdout.splitlines() if "System" in line)
+    names = re.findall(r"(BLEU|chrF2) \(", header)
+    rows = [[float(p) for p in re.findall(r"\(p = ([0-9.]+)\)", line)] for line in stdout.splitlines()]
+    p_rows = [row for row in rows if row]
+    return {name: [row[i] for row in p_rows] for i, name in enumerate(names)}
+
+
+def test_p_values_are_sacrebleus_paired_bootstrap_on_the_written_files(evaluated, corpus):
+    results = evaluated.results
+    samples = results["bootstrap_samples"]
+    baseline, other = (evaluated.out / f"{s['name']}.hyp" for s in results["systems"])
+    # The command line's default JSON output fails on numpy scalars in multi-system mode: its text table instead.
+    proc = run([BIN / "sacrebleu", corpus.root / "raw.test.de", "-i", baseline, other, "-m", "bleu", "chrf",
+                "--paired-bs", "--paired-bs-n", samples, "--format", "text", "--no-color"])
+    cli = cli_p_values(proc.stdout)
+    assert list(cli) == ["BLEU", "chrF2"] and all(len(p) == 1 for p in cli.values()), proc.stdout
+    for key in ("bleu", "chrf"):
+        assert results["significance_signatures"][key] in proc.stdout
+    system = results["systems"][1]
+    # The table prints 4 decimals; p = (c + 1) / (samples + 1) moves in steps of about 1e-3.
+    assert abs(system["bleu"]["p_value"] - system["chrf"]["p_value"]) > 1e-4, "a BLEU/chrF swap would not show"
+    assert system["bleu"]["p_value"] == pytest.approx(cli["BLEU"][0], abs=5e-5)
+    assert system["chrf"]["p_value"] == pytest.approx(cli["chrF2"][0], abs=5e-5)
+
+
 def test_every_hypothesis_comes_back_in_corpus_order(evaluated, corpus):
     # fairseq's default batching (sizes a multiple of 8) drops the last, longest batch of this test set.
     from fairseq.data import data_utils

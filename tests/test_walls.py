@@ -127,7 +127,7 @@ print("plugin:", sorted(set(callers)), replaced())
     lines = proc.stdout.strip().splitlines()
     assert lines[0] == "tiekd: [] []"
     assert lines[1] == ("plugin: ['tiekd_fairseq.compat.torch_safe_globals'] ["
-                        "'fairseq.distributed.utils.infer_init_method by "
-                        "tiekd_fairseq.compat.fairseq_infer_init_method', "
+                        "'fairseq.distributed.utils.call_main by "
+                        "tiekd_fairseq.compat.fairseq_call_main', "
                         "'fairseq.models.distributed_fairseq_model.DistributedDataParallel by "
                         "tiekd_fairseq.compat.fairseq_ddp_wrapper']")

@@ -1,46 +1,72 @@
-"""Counts the robustness cases: each test under this folder is one case, handled if it passed.
+"""Counts the robustness cases: each provokes one fault and checks, after it, the data that fault must not lose.
 
-At the end of any run that included them, ``pytest`` prints one line:
-``robustness: N cases, H handled, L lost`` (plus ``, S skipped`` if any were skipped).
-A module that cannot even be collected counts as one lost case.
+Declaring a case in a test::
+
+    def test_a_truncated_teacher_is_refused(case, tmp_path):
+        protected = case("a truncated teacher checkpoint", "the checkpoint; no cache output")
+        protected.keep(tmp_path)  # before the fault: every file's bytes, and what is absent
+        ...                       # the fault, and the test's own assertions
+        protected.verify()        # intact, or lost: the test fails naming each difference
+
+- ``case(fault, protects)``: the fixture; ``fault`` names the case (unique), ``protects`` the data at stake.
+  A fixture that runs a scenario several tests share calls ``helpers.Case(request, fault, protects)``
+  instead: the case counts once, for the tests using that fixture (but those declaring their own).
+- ``keep(*paths)``: files or folders as they are now; at verify nothing in them may be changed, missing
+  or added, and a path absent now must still be absent (no half-written output).
+- ``same(what, got, want, rtol=0, atol=0)``: the data after the fault against a reference made without
+  it: values, dicts, tensors, or ``helpers.contents(path)`` of files and folders.
+- ``finite(what, tensors)``: a tensor, or a dict of them, with no NaN or inf.
+- ``verify()``: once, after the fault; a case never verified is unchecked, not handled.
+
+At the end of any run that included cases, ``pytest`` prints one line,
+``robustness: N cases, H handled, L lost``: handled, the case's data was verified intact and its tests
+passed; lost, the data was measured missing or changed. When there are any, it adds the cases never
+verified (unchecked), those intact whose tests failed (failed), skipped ones, and modules here that did
+not collect, then names each case not handled. Tests that provoke no fault are controls: they declare
+no case and are not counted.
 """
 
+import functools
 import os
 from pathlib import Path
 
-_outcomes = {}
-_prefix = None  # this folder in node ids, which are relative to the rootdir
+import pytest
+
+from .helpers import LEDGER, Case, Ledger
 
 
 def pytest_configure(config):
-    global _prefix
-    _prefix = Path(os.path.relpath(Path(__file__).parent, config.rootpath)).as_posix() + "/"
+    folder = Path(os.path.relpath(Path(__file__).parent, config.rootpath)).as_posix() + "/"
+    config.stash[LEDGER] = Ledger(folder)
 
 
-def _ours(report):
-    return report.nodeid.startswith(_prefix)
+@pytest.fixture
+def case(request):
+    """``case(fault, protects)``: declare this test's robustness case (a ``helpers.Case``)."""
+    return functools.partial(Case, request)
 
 
-def pytest_runtest_logreport(report):
-    if not _ours(report):
-        return
-    # setup, call and teardown each report; the worst of them is the case's outcome.
-    outcome = "lost" if report.failed else "skipped" if report.skipped else "handled"
-    previous = _outcomes.get(report.nodeid)
-    if previous is None or previous == "handled" or outcome == "lost":
-        _outcomes[report.nodeid] = outcome
+def pytest_collection_modifyitems(config, items):
+    config.stash[LEDGER].fixtures.update((item.nodeid, set(item.fixturenames)) for item in items)
 
 
-def pytest_collectreport(report):
-    if report.failed and _ours(report):
-        _outcomes[report.nodeid] = "lost"
+# The ledger lives on the config, not in this module: a pytest run inside a test (pytester) has its own.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    item.config.stash[LEDGER].record(report)
+    return report
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not _outcomes:
-        return
-    counts = {kind: sum(1 for o in _outcomes.values() if o == kind) for kind in ("handled", "lost", "skipped")}
-    line = f"robustness: {len(_outcomes)} cases, {counts['handled']} handled, {counts['lost']} lost"
-    if counts["skipped"]:
-        line += f", {counts['skipped']} skipped"
-    terminalreporter.write_line(line)
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield
+    ledger = collector.config.stash[LEDGER]
+    if report.failed and report.nodeid.startswith(ledger.folder):
+        ledger.uncollected.append(report.nodeid)
+    return report
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    for line in config.stash[LEDGER].summary():
+        terminalreporter.write_line(line)

@@ -1,4 +1,7 @@
-"""Two-process gloo DDP with source-only batches mixed in: the ranks stay in step."""
+"""Two-process gloo DDP with source-only batches mixed in: the ranks stay in step.
+
+Protected: the student, whose parameters must be the same on both ranks.
+"""
 
 import re
 
@@ -9,7 +12,9 @@ from .helpers import source_only_shard
 from conftest import BIN, REPO, kd_train_args, run
 
 
-def test_two_process_ddp_with_source_only_batches_stays_in_step(corpus, teacher, tmp_path):
+def test_two_process_ddp_with_source_only_batches_stays_in_step(case, corpus, teacher, tmp_path):
+    protected = case("2-process gloo DDP with source-only batches mixed in",
+                     "the student's parameters, identical on both ranks")
     shard = source_only_shard((corpus.root / "sp.train.en").read_text().splitlines()[:150], tmp_path / "shard",
                               corpus.data_bin / "dict.en.txt")
     dump = tmp_path / "params"
@@ -25,7 +30,6 @@ def test_two_process_ddp_with_source_only_batches_stays_in_step(corpus, teacher,
     ranks = [torch.load(dump / f"rank{r}.pt") for r in (0, 1)]
     assert ranks[0]["data_parallel"] == ranks[1]["data_parallel"] == 2
     assert ranks[0]["num_updates"] == ranks[1]["num_updates"] == 8
-    assert ranks[0]["params"].keys() == ranks[1]["params"].keys()
-    for name, value in ranks[0]["params"].items():
-        assert torch.equal(value, ranks[1]["params"][name]), name
+    protected.same("rank 1's parameters", ranks[1]["params"], ranks[0]["params"])
     assert any(not torch.equal(ranks[0]["initial"][k], v) for k, v in ranks[0]["params"].items())
+    protected.verify()

@@ -3,9 +3,10 @@
 Kills are SIGKILLs of the whole process group (the tool and the fairseq process it
 runs), sent when a file shows the tool has reached a step, or sent by the tool to
 itself at a named point (``TIEKD_TEST_KILL_AT``, see ``tiekd_cli.files.kill_point``).
+Protected: what the runs write (round results, best checkpoints, caches, seqkd outputs), equal to
+an uninterrupted run's with no file left over, and a running run's folder against a second run.
 """
 
-import filecmp
 import os
 import signal
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import torch
 from test_seqkd import SEQKD, seqkd_args
 from test_teacher_cache import CACHE_TOOL, cache_args
 
-from .helpers import alongside, iterate_options, kill, start, wait_for
+from .helpers import Case, alongside, contents, digest, iterate_options, kill, start, wait_for
 from conftest import run
 
 
@@ -36,15 +37,27 @@ def files(root):
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def same_files(root, reference, names):
-    for name in names:
-        assert filecmp.cmp(root / name, reference / name, shallow=False), name
+def iterate_results(save_dir):
+    """What a tiekd-iterate run folder is compared by: the name of everything in it; the bytes of rounds.tsv and
+    the valid hypotheses; the weights of the best checkpoints (fairseq also stores wall-clock times in them)."""
+    def read(path):
+        name = path.relative_to(save_dir).as_posix()
+        if name in ("checkpoint_best.pt", "round1/checkpoint_best.pt"):
+            return torch.load(path, map_location="cpu")["model"]
+        return digest(path) if name in ("rounds.tsv", "round1/valid/round1.hyp") else "a file"
+
+    return contents(save_dir, read)
 
 
 # tiekd-iterate: one round, killed at each step in turn, each time resumed by the same command.
 
 @pytest.fixture(scope="module")
-def iterate_runs(corpus, teacher, tmp_path_factory):
+def iterate_runs(request, corpus, teacher, tmp_path_factory):
+    kills = Case(request, "tiekd-iterate SIGKILLed in fairseq-train, in fairseq-generate, writing rounds.tsv and "
+                          "writing checkpoint_best.pt, rerun after each",
+                 "the run folder: round results, valid hypotheses and best checkpoints equal to an uninterrupted "
+                 "run's, no other file; the --mono text")
+    kills.keep(corpus.root / "raw.train.en")
     root = tmp_path_factory.mktemp("iterate")
     reference, save_dir = root / "uninterrupted", root / "killed"
     with alongside(iterate_options(corpus, teacher, reference)[1]):
@@ -62,7 +75,9 @@ def iterate_runs(corpus, teacher, tmp_path_factory):
         log = round_dir / "train.log"
         wait_for(proc, lambda: log.is_file() and "begin training epoch 1" in log.read_text(), "training started")
         os.killpg(proc.pid, signal.SIGSTOP)
+        seen.before_concurrent = contents(save_dir)
         seen.concurrent = run(argv, check=False)
+        seen.after_concurrent = contents(save_dir)
         assert kill(proc) == -signal.SIGKILL
         seen.in_training = SimpleNamespace(state=state(), shard=mtime(shard))
 
@@ -83,17 +98,10 @@ def iterate_runs(corpus, teacher, tmp_path_factory):
                                        scored=mtime(round_dir / "valid" / "round1.hyp"))
 
         seen.rerun = run(argv)
+    # Nothing left over either: no temporary file, no partial folder.
+    kills.same("--save-dir", iterate_results(save_dir), iterate_results(reference))
+    kills.verify()
     return SimpleNamespace(reference=reference, save_dir=save_dir, seen=seen)
-
-
-def test_iterate_resumed_after_every_kill_equals_an_uninterrupted_run(iterate_runs):
-    save_dir, reference = iterate_runs.save_dir, iterate_runs.reference
-    assert files(save_dir) == files(reference)  # nothing left over: no temporary file, no partial folder
-    same_files(save_dir, reference, ["rounds.tsv", "round1/valid/round1.hyp"])
-    # The student weights themselves (fairseq also stores wall-clock times in a checkpoint).
-    for name in ("checkpoint_best.pt", "round1/checkpoint_best.pt"):
-        ours, theirs = (torch.load(root / name, map_location="cpu")["model"] for root in (save_dir, reference))
-        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
 
 
 def test_iterate_killed_during_fairseq_train_trains_the_round_again(iterate_runs):
@@ -130,30 +138,41 @@ def test_iterate_killed_while_writing_the_best_checkpoint_copies_it_again(iterat
     assert (save_dir / "done" / "best-round").read_text() == "1\n"
 
 
-def test_a_second_iterate_on_the_same_save_dir_is_refused_while_the_first_runs(iterate_runs):
-    concurrent = iterate_runs.seen.concurrent
+def test_a_second_iterate_on_the_same_save_dir_is_refused_while_the_first_runs(case, iterate_runs):
+    protected = case("a second tiekd-iterate on the --save-dir of a running one",
+                     "the running one's --save-dir, unchanged by the second")
+    # Snapshots taken while the first run was stopped (SIGSTOP), before and after the second ran.
+    seen = iterate_runs.seen
+    protected.same("--save-dir of the running tiekd-iterate", seen.after_concurrent, seen.before_concurrent)
+    concurrent = seen.concurrent
     assert concurrent.returncode == 2 and "Traceback" not in concurrent.stderr
     assert concurrent.stderr.splitlines()[-1:] == [
         f"tiekd-iterate: error: another tiekd-iterate run is using --save-dir {iterate_runs.save_dir} (it holds .lock)"]
+    protected.verify()
 
 
 # tiekd-cache-teacher and tiekd-seqkd, killed in the middle of their second shard.
 
-def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(corpus, teacher, tmp_path):
+def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path):
+    protected = case("tiekd-cache-teacher SIGKILLed mid-shard, rerun",
+                     "the cache: the finished shard untouched by the rerun, all equal to an uninterrupted run's")
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     with alongside([CACHE_TOOL, *cache_args(corpus, teacher, reference)]):
         killed_at("shard-00001", [CACHE_TOOL, *cache_args(corpus, teacher, out)])
         assert sorted(p.name for p in out.iterdir()) == [".lock", ".shard-00001.partial", "meta.json", "shard-00000"]
         done = {p: mtime(p) for p in (out / "shard-00000").iterdir()}
+        protected.keep(out / "shard-00000")
 
         rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
         assert "3 shards, 1 already cached" in rerun.stderr
-    assert {p: mtime(p) for p in (out / "shard-00000").iterdir()} == done
-    assert files(out) == files(reference)
-    same_files(out, reference, files(reference))
+    assert {p: mtime(p) for p in (out / "shard-00000").iterdir()} == done  # not even rewritten
+    protected.same("the cache", contents(out), contents(reference))
+    protected.verify()
 
 
-def test_seqkd_killed_mid_shard_resumes_at_that_shard(corpus, teacher, tmp_path):
+def test_seqkd_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path):
+    protected = case("tiekd-seqkd SIGKILLed mid-shard, rerun",
+                     "the outputs: the finished shard untouched by the rerun, all equal to an uninterrupted run's")
     reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
     with alongside([SEQKD, *seqkd_args(corpus, teacher, reference)]):
         proc = start([SEQKD, *seqkd_args(corpus, teacher, out)])
@@ -163,9 +182,10 @@ def test_seqkd_killed_mid_shard_resumes_at_that_shard(corpus, teacher, tmp_path)
         first = out / "shards" / "00000.txt"
         assert first.is_file() and not (out / "shards" / "00001.txt").exists() and not (out / "data-bin").exists()
         written = mtime(first)
+        protected.keep(first)
 
         rerun = run([SEQKD, *seqkd_args(corpus, teacher, out)])
         assert "2 shards, 1 already decoded" in rerun.stderr
-    assert mtime(first) == written
-    assert files(out) == files(reference)
-    same_files(out, reference, files(reference))
+    assert mtime(first) == written  # not even rewritten
+    protected.same("the seqkd output", contents(out), contents(reference))
+    protected.verify()

@@ -13,6 +13,7 @@ part alone, on a prefix written by greedy decoding.
 
 import logging
 import math
+from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
@@ -56,6 +57,14 @@ class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
         metadata={"help": "MiB for the KD terms' dense fp32 temporaries (positions x vocabulary); a batch that "
                           "needs more is computed over chunks of positions, with the same result; 0: never chunk"},
     )
+    kd_max_skipped_frac: float = field(
+        default=0.2,
+        metadata={"help": "stop training when the teacher's output was not finite (its KD term skipped) on more "
+                          "than this fraction of the last --kd-skipped-window training batches; 1: never stop"},
+    )
+    kd_skipped_window: int = field(
+        default=100, metadata={"help": "how many recent training batches --kd-max-skipped-frac looks at"}
+    )
 
 
 @dataclass(frozen=True)
@@ -98,19 +107,24 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     kd_needs_lprobs = False
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, *, alpha,
-                 temperature, memory_budget, topk, iterations, rank_weight):
+                 temperature, memory_budget, max_skipped_frac, skipped_window, topk, iterations, rank_weight):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
         self.require_flag(0 <= alpha <= 1, f"--kd-alpha must be in [0, 1], got {alpha}")
         self.require_flag(topk >= 1, f"--kd-topk must be >= 1, got {topk}")
         self.require_flag(temperature > 0, f"--kd-temperature must be > 0, got {temperature}")
         self.require_flag(memory_budget >= 0, f"--kd-memory-budget must be >= 0 (MiB), got {memory_budget}")
+        self.require_flag(0 <= max_skipped_frac <= 1,
+                          f"--kd-max-skipped-frac must be in [0, 1], got {max_skipped_frac}")
+        self.require_flag(skipped_window >= 1, f"--kd-skipped-window must be >= 1, got {skipped_window}")
         self.alpha = alpha
         self.topk = topk
         self.iterations = iterations
         self.rank_weight = rank_weight
         self.temperature = temperature
         self.memory_budget = memory_budget * 2**20
+        self.max_skipped_frac = max_skipped_frac
+        self._recent_skips = deque(maxlen=skipped_window)  # 1 per training batch whose KD term was skipped
         self._chunking_logged = self._skip_logged = False
 
     def require_flag(self, ok, message):
@@ -155,6 +169,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             cached = [t.to(target.device) for t in self.task.teacher_cache.batch(sample["id"], target.size(1),
                                                                                     self.padding_idx)]
         passes = self._kd_passes(model, teacher, sample["net_input"], target, mask, need_lprobs=True, cached=cached)
+        self._check_teacher_health(passes.nonfinite)
         ce, nll = self._gold_loss(passes.lprobs, target)
         if passes.nonfinite:
             # The KD graph stays out of the loss: its backward would turn the NaNs into NaN gradients (0 * NaN).
@@ -169,6 +184,18 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             sample_size=sample_size, **kd_logs,
         )
 
+    def _check_teacher_health(self, nonfinite):
+        """Stop in one line once too many of the recent training batches had a non-finite teacher."""
+        window = self._recent_skips
+        window.append(int(nonfinite > 0))
+        skipped = sum(window)
+        if len(window) == window.maxlen and skipped > self.max_skipped_frac * window.maxlen:
+            raise SystemExit(
+                f"{self.name}: error: the teacher's output was not finite on {skipped} of the last {window.maxlen} "
+                f"training batches, more than --kd-max-skipped-frac {self.max_skipped_frac}: stopping; check the "
+                "teacher (a broken checkpoint, or half precision overflowing)"
+            )
+
     def _skipped(self, nonfinite):
         """Logging values of a batch whose KD term was dropped for a non-finite teacher output."""
         if not self._skip_logged:
@@ -180,8 +207,9 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     def _mono_forward(self, model, sample, teacher):
         """A source-only batch: the prefix writer decodes greedily, then KD alone (there is no gold, no CE).
 
-        The loss is normalised per target token like a parallel batch: its sample size
-        is the number of generated tokens, EOS included.
+        The loss is normalised like a parallel batch's: its sample size is the number of
+        generated tokens, EOS included (the sentences with --sentence-avg), and its KD
+        positions leave out the first --ignore-prefix-size of them.
         """
         net_input = sample["net_input"]
         src_tokens, src_lengths = net_input["src_tokens"], net_input["src_lengths"]
@@ -196,18 +224,20 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         finally:
             writer.train(was_training)
         prev, target = prefix_and_target(hyps, eos=eos, pad=self.padding_idx)
-        mask = target.ne(self.padding_idx)
+        generated = target.ne(self.padding_idx)
+        mask = generated.clone()
+        mask[:, : self.ignore_prefix_size] = False
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev}
         passes = self._kd_passes(model, teacher, net_input, target, mask, self.kd_needs_lprobs)
+        self._check_teacher_health(passes.nonfinite)
         if passes.nonfinite:
             # Nothing to learn from this batch: a zero loss (zero gradients) that weighs nothing in the update.
             loss, sample_size = passes.student_output[0].sum() * 0, 0
             kd_logs = self._skipped(passes.nonfinite)
         else:
             loss = self.alpha * (passes.kd + self.rank_weight * passes.rank)
-            tokens = int(mask.sum())
-            sample_size = src_tokens.size(0) if self.sentence_avg else tokens
-            kd_logs = dict(kd_mono=passes.kd.data, rank_mono=passes.rank.data, mono_tokens=tokens,
+            sample_size = src_tokens.size(0) if self.sentence_avg else int(generated.sum())
+            kd_logs = dict(kd_mono=passes.kd.data, rank_mono=passes.rank.data, mono_tokens=mask.sum(),
                            mono_sentences=src_tokens.size(0))
         # ntokens 0: nll_loss and ppl stay about gold tokens.
         return loss, sample_size, self._logging_output(
