@@ -9,7 +9,7 @@ setup(
     description="TIE-KD: top-1 information enhanced knowledge distillation for fairseq",
     packages=find_packages(include=["tiekd", "tiekd_fairseq", "tiekd_fairseq.*", "tiekd_cli"]),
     python_requires=">=3.9",
-    install_requires=["torch>=2.0", "numpy", "sacrebleu>=2.0", "sentencepiece"],
+    install_requires=["torch>=2.0", "numpy", "sacrebleu>=2.0", "sentencepiece", "sacremoses"],
     entry_points={
         "console_scripts": [
             "tiekd-eval=tiekd_cli.eval:main",

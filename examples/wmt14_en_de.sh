@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WMT14 English-German: teacher, students (CE, word-KD, Seq-KD, TIE-KD), the iterative stage, BLEU table.
+# WMT14 English-German: teacher, students (CE, word-KD, Seq-KD, TIE-KD), BLEU table.
 # Usage: [SMOKE=1] [WORK=DIR] [GPUS=N] [UPDATE_FREQ=N] ... bash examples/wmt14_en_de.sh [step ...]
 # Training data as in fairseq's prepare-wmt14en2de.sh (with the WMT14 News Commentary v9);
 # valid newstest2013, test newstest2014 (full, 3003 sentences). Settings: examples/lib/wmt_recipe.sh.

@@ -4,13 +4,17 @@ Each system is a checkpoint, or a checkpoint folder whose last N checkpoints are
 averaged first. Hypotheses are put back in corpus order, detokenized, and scored
 against the raw reference text with BLEU and chrF; with two or more systems,
 sacreBLEU's paired bootstrap resampling compares each with the first. Every input
-is checked before anything is decoded.
+is checked before anything is decoded. With ``--tokenized-bleu``, BLEU is also
+computed as most papers' tables report it (the TIE-KD paper's included): case-
+sensitive on Moses-tokenized text, hyphens split (``tokenizer.perl -a``), as
+multi-bleu.perl scores it; for a Romanian target also with its diacritics removed.
 """
 
 import argparse
 import json
 from pathlib import Path
 
+import sacremoses
 import sentencepiece
 from sacrebleu.metrics import BLEU, CHRF
 from sacrebleu.significance import PairedTest
@@ -27,17 +31,62 @@ from .raw_text import read_lines
 from .shell import UsageError, positive, run_tool
 
 METRICS = {"bleu": BLEU, "chrf": CHRF}
+# Tokenized BLEU columns: key in the results, column title.
+TOKENIZED = {"tokenized_bleu": "tok. BLEU", "romanian_tokenized_bleu": "ro norm. tok. BLEU"}
+ROMANIAN_COMMA_BELOW = str.maketrans("şţŞŢ", "șțȘȚ")
+ROMANIAN_DIACRITICS = str.maketrans("șțȘȚăĂâÂîÎ", "stSTaAaAiI")
 
 
 def markdown_table(rows, baseline):
-    """A markdown table of systems: name, BLEU, chrF, BLEU difference and p-value against ``baseline``."""
-    lines = [f"| system | BLEU | chrF | ΔBLEU vs {baseline} | p-value |", "|---|---:|---:|---:|---:|"]
+    """A markdown table of systems: name, BLEU, chrF, ΔBLEU and p-value against ``baseline``, tokenized BLEUs."""
+    extra = [key for key in TOKENIZED if key in rows[0]]
+    lines = [f"| system | BLEU | chrF | ΔBLEU vs {baseline} | p-value |" + "".join(f" {TOKENIZED[k]} |" for k in extra),
+             "|---|---:|---:|---:|---:|" + "---:|" * len(extra)]
     for row in rows:
         delta = "" if row["delta_bleu"] is None else f"{row['delta_bleu']:+.2f}"
         p_value = "" if row["bleu"]["p_value"] is None else f"{row['bleu']['p_value']:.4f}"
         bleu, chrf = row["bleu"]["score"], row["chrf"]["score"]
-        lines.append(f"| {row['name']} | {bleu:.2f} | {chrf:.2f} | {delta} | {p_value} |")
+        lines.append(f"| {row['name']} | {bleu:.2f} | {chrf:.2f} | {delta} | {p_value} |"
+                     + "".join(f" {row[key]['score']:.2f} |" for key in extra))
     return "\n".join(lines) + "\n"
+
+
+def moses_tokenized(lines, lang, romanian=False):
+    """``lines`` as the paper's convention scores them: ’ written ', then Moses-tokenized with hyphens split.
+
+    With ``romanian``, first the comma-below letters for the cedilla ones, then no diacritics (the
+    WMT16 En-Ro convention of normalise-romanian.py and remove-diacritics.py).
+    Args: lines: detokenized sentences; lang: Moses language code.
+    """
+    tokenizer = sacremoses.MosesTokenizer(lang=lang)
+    out = []
+    for line in lines:
+        line = line.replace("\u2019", "'")
+        if romanian:
+            line = line.translate(ROMANIAN_COMMA_BELOW).translate(ROMANIAN_DIACRITICS)
+        out.append(tokenizer.tokenize(line, aggressive_dash_splits=True, return_str=True))
+    return out
+
+
+def tokenized_scores(named_hypotheses, references, lang):
+    """Tokenized BLEU of each system ({key: score} per system) and the signature of each key.
+
+    Args: named_hypotheses: [(name, hypotheses)]; references: one per hypothesis; lang: target language.
+    """
+    variants = {"tokenized_bleu": False}
+    if lang == "ro":
+        variants["romanian_tokenized_bleu"] = True
+    # As multi-bleu.perl: the text is tokenized already (sacreBLEU splits on spaces only), no smoothing.
+    metric = BLEU(tokenize="none", smooth_method="none", force=True)
+    scores = [{} for _ in named_hypotheses]
+    for key, romanian in variants.items():
+        refs = moses_tokenized(references, lang, romanian)
+        for row, (_, hypotheses) in zip(scores, named_hypotheses):
+            row[key] = {"score": metric.corpus_score(moses_tokenized(hypotheses, lang, romanian), [refs]).score}
+    moses = f"moses -a -l {lang} (sacremoses {sacremoses.__version__})"
+    signatures = {key: f"{metric.get_signature()} on {moses}" + (", Romanian diacritics removed" if romanian else "")
+                  for key, romanian in variants.items()}
+    return scores, signatures
 
 
 def score(named_hypotheses, references, bootstrap_samples=1000):
@@ -98,8 +147,10 @@ def _plan_systems(systems, names, average_last, average_updates):
 
 def evaluate(data_bin, systems, ref, out, names=None, subset="test", beam=4, lenpen=0.6, max_tokens=None,
              spm_model=None, post_process=None, average_last=None, average_updates=False,
-             bootstrap_samples=1000, source_lang=None, target_lang=None, cpu=False):
+             bootstrap_samples=1000, source_lang=None, target_lang=None, cpu=False, tokenized_bleu=False):
     """Decode, score and compare ``systems`` on ``subset`` of ``data``; write results to ``out``; return them.
+
+    ``tokenized_bleu`` adds the tokenized BLEU of each system (``moses_tokenized``) beside sacreBLEU's.
 
     Writes ``<name>.hyp`` (detokenized hypotheses, one per reference line), ``<name>.generate.txt``
     (fairseq-generate's output), averaged checkpoints ``<name>.avg<N>.pt``, ``results.md`` and
@@ -162,6 +213,11 @@ def evaluate(data_bin, systems, ref, out, names=None, subset="test", beam=4, len
     scores = score(named_hypotheses, references, bootstrap_samples)
     for row, info in zip(scores["systems"], system_info):
         row.update(info)
+    if tokenized_bleu:
+        tokenized, tokenized_signatures = tokenized_scores(named_hypotheses, references, target_lang)
+        for row, extra in zip(scores["systems"], tokenized):
+            row.update(extra)
+        scores["signatures"].update(tokenized_signatures)
     results = {
         "data_bin": str(data_bin), "ref": str(ref), "sentences": count, "decoding": decoding,
         "baseline": plans[0]["name"], "significance_test": None if len(plans) < 2 else "paired bootstrap resampling",
@@ -203,6 +259,9 @@ def main(argv=None):
     parser.add_argument("--source-lang", help="default: inferred from the data folder")
     parser.add_argument("--target-lang", help="default: inferred from the data folder")
     parser.add_argument("--cpu", action="store_true", help="decode on the CPU even if a GPU is visible")
+    parser.add_argument("--tokenized-bleu", action="store_true",
+                        help="also case-sensitive BLEU on Moses-tokenized text (tokenizer.perl -a), as papers report; "
+                             "for a Romanian target also with diacritics removed")
 
     def run(argv):
         args = parser.parse_args(argv)
@@ -211,7 +270,7 @@ def main(argv=None):
             lenpen=args.lenpen, max_tokens=args.max_tokens, spm_model=args.spm_model,
             post_process=args.post_process, average_last=args.average_last, average_updates=args.average_updates,
             bootstrap_samples=args.bootstrap_samples, source_lang=args.source_lang, target_lang=args.target_lang,
-            cpu=args.cpu,
+            cpu=args.cpu, tokenized_bleu=args.tokenized_bleu,
         )
         print(Path(args.out, "results.md").read_text(encoding="utf-8"), end="")
         print(f"tiekd-eval: results in {args.out}")
