@@ -4,6 +4,8 @@ VENV ?= .venv
 # The CPU build on machines that have it; set TORCH= to keep a torch you installed (e.g. CUDA).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test processes; each module runs whole in one of them (its module fixtures are built once).
+TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
 # `make demo PROFILE=full` retrains the demo teacher too (hours on CPU); each profile has its own folder.
@@ -25,7 +27,7 @@ $(STAMP): requirements/build.txt requirements/fairseq.txt requirements/runtime.t
 
 test: $(STAMP)
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
 
 # Benchmarks measure and print ratios; they are not tests.
 bench: $(STAMP)

@@ -120,3 +120,33 @@ def data_bin_with_swapped_symbols(data_bin, dest):
         lines[10], lines[11] = lines[11], lines[10]
         (dest / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
     return tuple(line.split()[0] for line in lines[10:12])
+
+
+# The robustness ledger (tests/robustness) across pytest-xdist workers: each worker sends its own, and the
+# controller, which loads no conftest below this folder, merges them and prints the summary line.
+def pytest_sessionfinish(session):
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and "robustness.helpers" in sys.modules:
+        from robustness.helpers import LEDGER
+
+        if LEDGER in session.config.stash:
+            output["robustness"] = session.config.stash[LEDGER].to_wire()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    wire = getattr(node, "workeroutput", {}).get("robustness")
+    if wire:
+        from robustness.helpers import LEDGER, Ledger
+
+        node.config.stash.setdefault(LEDGER, Ledger(wire["folder"])).merge(wire)
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    # Only a controller's merged ledger: without workers, tests/robustness/conftest.py prints its own.
+    if "robustness.helpers" in sys.modules:
+        from robustness.helpers import LEDGER
+
+        if LEDGER in config.stash and config.stash[LEDGER].merged:
+            for line in config.stash[LEDGER].summary():
+                terminalreporter.write_line(line)

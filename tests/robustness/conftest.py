@@ -68,5 +68,7 @@ def pytest_make_collect_report(collector):
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    for line in config.stash[LEDGER].summary():
-        terminalreporter.write_line(line)
+    # A pytest-xdist controller's ledger holds its workers' cases: tests/conftest.py prints that one.
+    if not config.stash[LEDGER].merged:
+        for line in config.stash[LEDGER].summary():
+            terminalreporter.write_line(line)

@@ -142,6 +142,7 @@ class Ledger:
         self.fixtures = {}  # node id -> the fixtures the test uses
         self.tests = {}  # node id -> "passed", "failed" or "skipped": the worst of setup, call and teardown
         self.uncollected = []
+        self.merged = False  # True in a pytest-xdist controller, which holds its workers' cases
 
     def declare(self, case):
         assert case.fault not in self.cases, f"two robustness cases are named {case.fault!r}"
@@ -178,6 +179,22 @@ class Ledger:
         if case.outcome is None:
             return "unchecked"
         return "failed" if "failed" in tests else "handled"
+
+    def to_wire(self):
+        """What a pytest-xdist worker sends its controller: plain data, merged there by ``merge``."""
+        cases = [{"fault": c.fault, "nodeid": c.node.nodeid, "fixture": c.fixture, "outcome": c.outcome,
+                  "found": list(c.found)} for c in self.cases.values()]
+        return {"folder": self.folder, "cases": cases, "fixtures": {k: sorted(v) for k, v in self.fixtures.items()},
+                "tests": dict(self.tests), "uncollected": list(self.uncollected)}
+
+    def merge(self, wire):
+        """Add a worker's cases and test outcomes (``to_wire``) to this ledger."""
+        for case in wire["cases"]:
+            self.declare(SimpleNamespace(**{**case, "node": SimpleNamespace(nodeid=case["nodeid"])}))
+        self.fixtures.update((k, set(v)) for k, v in wire["fixtures"].items())
+        self.tests.update(wire["tests"])
+        self.uncollected += wire["uncollected"]
+        self.merged = True
 
     def summary(self):
         """``robustness: N cases, H handled, L lost`` (then the other outcomes and modules not collected,
