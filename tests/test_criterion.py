@@ -59,8 +59,11 @@ def test_alpha_zero_equals_label_smoothed_cross_entropy(corpus, teacher, setup):
     assert torch.equal(got, want) and got_size == want_size
 
 
-def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(setup):
-    task, model, criterion, sample = setup
+@pytest.mark.parametrize("path", ["features", "logits"])
+def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(corpus, teacher, path):
+    task, model, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "3", "--kd-alpha", "0.5",
+                                   "--kd-path", path)
+    sample = valid_sample(task)
     teacher = task.teacher.model
     model.train()
     calls = {"student_dec": [], "student_out": [], "student_enc": 0, "teacher_dec": [], "teacher_enc": 0}
@@ -76,6 +79,8 @@ def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(se
     finally:
         for h in hooks:
             h.remove()
+    if path == "features":  # the decoder returned features: its logits are their output projection
+        calls["student_out"] = [model.decoder.output_layer(x).detach() for x in calls["student_out"]]
     gold = sample["net_input"]["prev_output_tokens"]
     pad = task.tgt_dict.pad()
     assert calls["student_enc"] == 1 and calls["teacher_enc"] == 1
@@ -104,6 +109,52 @@ def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(se
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert sample_size == sample["ntokens"] and log["kd_tokens"] == mask.sum()
     assert log["kd"] > 0 and log["rank"] > 0
+
+
+def _loss_and_gradients(corpus, teacher, sample_of, *flags):
+    """A fresh student (the same initial weights every call), one criterion call and its gradients."""
+    task, model, criterion = build(corpus.data_bin, teacher, "--dropout", "0", *flags)
+    model.train()
+    loss, sample_size, log = criterion(model, sample_of(task))
+    loss.backward()
+    return loss.detach(), log, {name: p.grad for name, p in model.named_parameters()}
+
+
+def _mono_sample(task):
+    sample = valid_sample(task)
+    net_input = sample["net_input"]
+    return {"id": sample["id"], "nsentences": len(sample["id"]), "ntokens": 0, "mono": True, "target": None,
+            "net_input": {"src_tokens": net_input["src_tokens"], "src_lengths": net_input["src_lengths"]}}
+
+
+# (flags, batch): every knob away from its default and from the others' values.
+EQUAL_PATHS = {
+    "N=3 k=3 tau=2 chunks of 7": (["--kd-iterations", "3", "--kd-topk", "3", "--kd-temperature", "2",
+                                   "--kd-alpha", "0.3", "--rank-weight", "2.5", "--kd-chunk-size", "7"], valid_sample),
+    "N=1 k=8 one chunk": (["--kd-iterations", "1", "--kd-topk", "8", "--kd-alpha", "0.7", "--rank-weight", "0.4",
+                           "--label-smoothing", "0.2", "--kd-chunk-size", "100000"], valid_sample),
+    "no ranking, prefix ignored": (["--kd-iterations", "2", "--rank-weight", "0", "--kd-alpha", "0.6",
+                                    "--ignore-prefix-size", "1", "--kd-chunk-size", "33"], valid_sample),
+    "source-only batch": (["--kd-iterations", "2", "--kd-topk", "4", "--kd-alpha", "0.8", "--rank-weight", "1.5",
+                           "--kd-chunk-size", "10", "--mono-prefix", "student"], _mono_sample),
+}
+
+
+@pytest.mark.parametrize("case", EQUAL_PATHS)
+def test_the_features_path_equals_the_logits_path_in_loss_logs_and_every_gradient(corpus, teacher, case):
+    flags, sample_of = EQUAL_PATHS[case]
+    feats = _loss_and_gradients(corpus, teacher, sample_of, *flags, "--kd-path", "features")
+    logits = _loss_and_gradients(corpus, teacher, sample_of, *flags, "--kd-path", "logits")
+    assert feats[0].item() == pytest.approx(logits[0].item(), rel=1e-5)
+    for key in ("kd", "rank", "nll_loss", "kd_mono", "rank_mono", "top1_agree", "teacher_gold", "kd_tokens"):
+        if key in logits[1]:
+            assert float(feats[1][key]) == pytest.approx(float(logits[1][key]), rel=1e-5, abs=1e-6), key
+    assert feats[2].keys() == logits[2].keys()
+    # Relative to the largest gradient: some (attention key biases) are zero up to rounding on both paths.
+    scale = max(g.abs().max() for g in logits[2].values())
+    for name, want in logits[2].items():
+        # Shared embeddings: the output projection's gradient reaches the one embedding matrix.
+        assert torch.allclose(feats[2][name], want, rtol=1e-5, atol=1e-5 * scale), name
 
 
 def test_sample_unchanged_and_teacher_frozen_through_a_training_step(setup):

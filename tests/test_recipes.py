@@ -431,6 +431,9 @@ def test_dry_run_commands_carry_the_authors_flags(name):
         assert found["--ddp-backend"] == "pytorch_ddp"
         if model in AUTHORS_KD:
             assert found["--teacher"] == "/nonexistent/work/checkpoints/teacher/checkpoint_best.pt"
+    # Seq-KD: one decoding process per GPU, in half precision, as the students train.
+    seqkd = flags(next(words for words in commands["seqkd"] if words[0] == "tiekd-seqkd"))
+    assert (seqkd["--workers"], seqkd["--precision"], seqkd["--beam"]) == ("4", "fp16", "5")
     evaluation = flags(commands["eval"][0])
     assert evaluation["--beam"] == "4" and evaluation["--lenpen"] == "0.6" and evaluation["--tokenized-bleu"]
     if name == "wmt16_en_ro":

@@ -2,6 +2,7 @@
 
 import filecmp
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -30,18 +31,104 @@ def seqkd(corpus, teacher, tmp_path_factory):
     return out
 
 
-def test_one_hypothesis_per_source_line_in_corpus_order(seqkd, corpus, teacher):
-    lines = (seqkd / "test.de").read_text(encoding="utf-8").splitlines()
-    assert len(lines) == len(corpus.raw["test"]) == 100
+@pytest.fixture(scope="module")
+def length_pairs(corpus):
+    """(source, target) lengths of each test pair as fairseq-generate counts them, EOS included."""
+    from fairseq.data import Dictionary, data_utils
+
+    dictionary = Dictionary.load(str(corpus.data_bin / "dict.en.txt"))
+    sides = [data_utils.load_indexed_dataset(str(corpus.data_bin / f"test.en-de.{lang}"), dictionary)
+             for lang in ("en", "de")]
+    return [(len(src), len(tgt)) for src, tgt in zip(*sides)]
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, teacher, length_pairs):
+    """fairseq-generate's own beam-2 output of the whole test subset in one process, by sentence id, with
+    the output length bound tiekd-seqkd should choose (the largest target/source ratio to 0.01 up, plus 10)."""
+    ratio = max(math.ceil(t / s * 100) for s, t in length_pairs) / 100
     proc = fairseq(
         "fairseq-generate", corpus.data_bin, "--user-dir", USER_DIR, "--path", teacher, "--task", "translation",
         "--gen-subset", "test", "--beam", "2", "--max-tokens", "4096", "--required-batch-size-multiple", "1", "--cpu",
+        "--max-len-a", str(ratio), "--max-len-b", "10",
     )
-    reference = {int(line.split("\t")[0][2:]): line.split("\t", 2)[2]
-                 for line in proc.stdout.splitlines() if line.startswith("H-")}
-    assert len(reference) == 100
+    hypotheses = {int(line.split("\t")[0][2:]): line.split("\t", 2)[2]
+                  for line in proc.stdout.splitlines() if line.startswith("H-")}
+    assert len(hypotheses) == 100
+    # fairseq bounds a batch by its longest source, so a hypothesis cut at the bound depends on the
+    # batching; those that ended below the smallest bound any batch gives are compared.
+    ended = {i: h for i, h in hypotheses.items() if len(h.split()) + 1 < int(ratio * length_pairs[i][0] + 10)}
+    assert len(ended) >= 50
+    return ended
+
+
+def matching(reference, lines):
+    """The share of the reference's sentences whose hypothesis is the same line."""
+    return sum(reference[i] == lines[i] for i in reference) / len(reference)
+
+
+def test_one_hypothesis_per_source_line_in_corpus_order(seqkd, corpus, reference):
+    lines = (seqkd / "test.de").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(corpus.raw["test"]) == 100
     # Other batches may, rarely, flip a near-tie in the beam; a misordered output would match almost nothing.
-    assert sum(reference[i] == line for i, line in enumerate(lines)) >= 95
+    assert matching(reference, lines) >= 0.95
+
+
+def test_two_processes_in_half_precision_give_the_output_in_corpus_order(corpus, teacher, reference, tmp_path):
+    out = build_seqkd_data(corpus.data_bin, "test", teacher, tmp_path, beam=2, shards=3, cpu=True,
+                           precision="fp16", workers=2).parent
+    lines = (out / "test.de").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 100
+    # Half precision flips more near-ties than other batches do; a misordered shard would match almost nothing.
+    assert matching(reference, lines) >= 0.85
+    assert json.loads((out / "settings.json").read_text())["precision"] == "fp16"
+
+
+def test_one_process_per_gpu_each_on_its_own_shards(corpus, teacher, tmp_path, monkeypatch):
+    """No GPU here: fairseq-generate is replaced by a stand-in that echoes each source and records its process."""
+    import threading
+    import time
+
+    import torch
+    from fairseq.data import Dictionary, data_utils
+
+    import tiekd_cli.seqkd as seqkd_module
+
+    real_run, lock, running, calls = seqkd_module.run_fairseq, threading.Lock(), [], []
+    dictionary = Dictionary.load(str(corpus.data_bin / "dict.en.txt"))
+
+    def stand_in(tool, args, env=None, **kwargs):
+        if tool != "generate":
+            return real_run(tool, args, env=env, **kwargs)
+        with lock:
+            running.append(env["CUDA_VISIBLE_DEVICES"])
+            calls.append((Path(args[0]).name, env["CUDA_VISIBLE_DEVICES"], sorted(running), [str(a) for a in args]))
+        time.sleep(0.3)  # long enough for the other process to start
+        sources = data_utils.load_indexed_dataset(str(Path(args[0]) / "test.en-de.en"), dictionary)
+        with lock:
+            running.remove(env["CUDA_VISIBLE_DEVICES"])
+        return "".join(f"H-{j}\t-0.5\t{dictionary.string(sentence)}\n" for j, sentence in enumerate(sources))
+
+    monkeypatch.setattr(seqkd_module, "run_fairseq", stand_in)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    build_seqkd_data(corpus.data_bin, "test", teacher, tmp_path, beam=2, shards=5)
+
+    assert sorted(shard for shard, *_ in calls) == [f".input-0000{i}" for i in range(5)]
+    assert {device for _, device, _, _ in calls} == {"3", "5"}
+    assert max(len(at_start) for *_, at_start, _ in calls) == 2
+    assert all(len(set(at_start)) == len(at_start) for *_, at_start, _ in calls)  # never two on one GPU
+    assert all("--fp16" in args and "--cpu" not in args for *_, args in calls)
+    sources = [dictionary.string(s) for s in
+               data_utils.load_indexed_dataset(str(corpus.data_bin / "test.en-de.en"), dictionary)]
+    assert (tmp_path / "test.de").read_text(encoding="utf-8").splitlines() == sources
+
+
+def test_explicit_length_bound_reaches_fairseq_generate(seqkd, corpus, teacher, tmp_path):
+    build_seqkd_data(corpus.data_bin, "test", teacher, tmp_path, beam=2, shards=1, cpu=True,
+                     max_len_a=0, max_len_b=3)
+    assert max(len(line.split()) for line in (tmp_path / "test.de").read_text(encoding="utf-8").splitlines()) <= 3
+    assert max(len(line.split()) for line in (seqkd / "test.de").read_text(encoding="utf-8").splitlines()) > 3
 
 
 def test_new_data_bin_holds_original_source_and_teacher_output(seqkd, corpus):
@@ -59,6 +146,14 @@ def test_new_data_bin_holds_original_source_and_teacher_output(seqkd, corpus):
     assert sorted(p.name for p in (seqkd / "shards").iterdir()) == ["00000.txt", "00001.txt"]
     settings = json.loads((seqkd / "settings.json").read_text())
     assert settings["beam"] == 2 and settings["shards"] == 2 and settings["sentences"] == 100
+    assert settings["precision"] == "fp32" and settings["max_len_b"] == 10
+
+
+def test_default_length_bound_clears_every_target_of_the_subset(seqkd, length_pairs):
+    # A bound from a constant (fairseq's 200) or from the source alone would not be the tightest one.
+    a = json.loads((seqkd / "settings.json").read_text())["max_len_a"]
+    assert all(a * s + 10 >= t for s, t in length_pairs)
+    assert any((a - 0.01) * s < t for s, t in length_pairs)
 
 
 def test_new_data_bin_trains_with_cross_entropy(seqkd, tmp_path):
@@ -78,8 +173,8 @@ def test_a_lost_hypothesis_fails_in_one_line_naming_its_id(seqkd, corpus, teache
     shutil.copy(seqkd / "settings.json", out)
     shard = out / "shards" / "00001.txt"
     shard.write_text("".join(line for line in shard.open() if not line.startswith("70\t")))
-    with pytest.raises(UsageError, match=r"shards in \S+: 1 of 100 sentences got no hypothesis \(ids 70\)$"):
-        build_seqkd_data(corpus.data_bin, "test", teacher, out, beam=2, shards=2)
+    with pytest.raises(UsageError, match=r"shard \S+/00001\.txt: 1 of 50 sentences got no hypothesis \(ids 70\)$"):
+        build_seqkd_data(corpus.data_bin, "test", teacher, out, beam=2, shards=2, cpu=True)
     assert not (out / "test.de").exists() and not (out / "data-bin").exists()
 
 
@@ -114,14 +209,21 @@ BAD_INPUTS = {
     "other settings": (lambda corpus, seqkd, tmp: dict(out=seqkd, beam=3),
                        r"\S+ holds a run with other settings \(beam 2 there, 3 now\): "
                        r"rerun with the same arguments or use another --out"),
+    "no GPU without --cpu": (lambda corpus, seqkd, tmp: dict(cpu=False),
+                             r"no GPU is visible: pass --cpu to decode on the CPU"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_refused_before_decoding(case, seqkd, corpus, teacher, tmp_path):
+    import torch
+
+    if case == "no GPU without --cpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
     (tmp_path / "file").write_text("")
     overrides, pattern = BAD_INPUTS[case]
-    args = dict(data_bin=corpus.data_bin, subset="test", teacher=teacher, out=tmp_path / "out", beam=2, shards=2)
+    args = dict(data_bin=corpus.data_bin, subset="test", teacher=teacher, out=tmp_path / "out", beam=2, shards=2,
+                cpu=True)
     args.update(overrides(corpus, seqkd, tmp_path))
     before = {p: p.stat().st_mtime_ns for p in seqkd.rglob("*")}
     with pytest.raises(InputError, match=f"^{pattern}$"):

@@ -33,7 +33,7 @@ def last_line(text):
     return next((line.strip() for line in reversed(text.splitlines()) if line.strip()), "")
 
 
-def run_fairseq(tool, args, log_path=None, progress=None):
+def run_fairseq(tool, args, log_path=None, progress=None, env=None):
     """Run ``fairseq_cli.<tool>`` (train, generate, preprocess, ...); a non-zero exit raises ToolFailed.
 
     Args:
@@ -42,10 +42,12 @@ def run_fairseq(tool, args, log_path=None, progress=None):
         log_path: where the command line and the output (stdout and stderr) are appended; None captures
             them and returns the stdout.
         progress: ``(description, total updates)`` for a progress bar that follows a training run's log.
+        env: variables added to this process's environment for the command (a GPU to use, a thread count).
     """
     cmd = [sys.executable, "-m", f"fairseq_cli.{tool}", *[str(a) for a in args]]
+    env = {**os.environ, **(env or {})}
     if log_path is None:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise ToolFailed(f"fairseq-{tool}", proc.returncode, last_line(proc.stderr) or last_line(proc.stdout),
                              output=(proc.stdout + proc.stderr)[-3000:])
@@ -58,7 +60,7 @@ def run_fairseq(tool, args, log_path=None, progress=None):
         log.flush()
         # Unbuffered: the progress bar moves as fairseq logs, not when a pipe buffer fills.
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                env={**env, "PYTHONUNBUFFERED": "1"})
         for line in proc.stdout:
             log.write(line)
             log.flush()

@@ -51,6 +51,12 @@ class FrozenModel:
         """Output logits (B, T, V) of one decoder pass on the prefix ``prev_output_tokens`` (B, T)."""
         return self.model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths)[0]
 
+    @torch.no_grad()
+    def decode_features(self, prev_output_tokens, encoder_out, src_lengths):
+        """Decoder features (B, T, d), before the output projection ``output_weight``, of one pass."""
+        return self.model.decoder(prev_output_tokens, encoder_out=encoder_out, src_lengths=src_lengths,
+                                  features_only=True)[0]
+
     def gold_prefix_lprobs(self, net_input):
         """Log-probabilities (B, T, V) decoding a collated batch's gold prefix."""
         src_lengths = net_input["src_lengths"]

@@ -351,9 +351,13 @@ step_wordkd() { kd_student word_kd word_kd "${KD_FLAGS[@]}"; }
 step_tiekd() { kd_student tie_kd tie_kd "${TIE_KD_FLAGS[@]}"; }
 
 step_seqkd() {
+    local precision=fp32
+    [[ -z $FP16 ]] || precision=fp16
     check_dictionaries "$CKPT/teacher"
+    # One fairseq-generate per GPU over disjoint shards, in the students' precision (fp16 unless FP16= is empty).
     execute tiekd-seqkd --data-bin "$DATA_BIN" --subset train --teacher "$TEACHER_CKPT" --out "$WORK/seqkd-data" \
-        --beam "$SEQKD_BEAM" --max-tokens "$DECODE_TOKENS" "${CPU[@]}"
+        --beam "$SEQKD_BEAM" --max-tokens "$DECODE_TOKENS" --workers "$GPUS" --precision "$precision" \
+        "${CPU[@]}"
     student seq_kd "$WORK/seqkd-data/data-bin" --criterion label_smoothed_cross_entropy
 }
 

@@ -118,8 +118,9 @@ def _train(corpus, teacher, save_dir, *extra):
 
 
 def test_fairseq_train_over_a_tiny_budget_chunks_logs_it_and_trains_the_same(corpus, teacher, tmp_path):
-    chunked_log, chunked = _train(corpus, teacher, tmp_path / "chunked", "--kd-memory-budget", "1")
-    whole_log, whole = _train(corpus, teacher, tmp_path / "whole", "--kd-memory-budget", "0")
+    logits = ("--kd-path", "logits")  # the budget is the logits path's; the features path has --kd-chunk-size
+    chunked_log, chunked = _train(corpus, teacher, tmp_path / "chunked", *logits, "--kd-memory-budget", "1")
+    whole_log, whole = _train(corpus, teacher, tmp_path / "whole", *logits, "--kd-memory-budget", "0")
     found = re.search(r"tie_kd: the KD terms of (\d+) positions x (\d+) vocabulary exceed --kd-memory-budget 1 MiB: "
                       r"computed in (\d+) chunks of up to (\d+) positions", chunked_log)
     assert found, chunked_log[-3000:]

@@ -24,9 +24,11 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterionConfig,
     label_smoothed_nll_loss,
 )
+from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
 
 from tiekd import (
+    FeatureLoss,
     agreement_counts,
     cached_kd_terms,
     max_rows_for_budget,
@@ -39,6 +41,7 @@ from tiekd import (
 from ..greedy import greedy_decode
 
 logger = logging.getLogger(__name__)
+KD_PATHS = ("features", "logits")
 
 
 @dataclass
@@ -52,10 +55,20 @@ class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
         default=1.0,
         metadata={"help": "temperature tau of the KL term only (both sides softened, KL scaled by tau^2)"},
     )
+    kd_path: ChoiceEnum(KD_PATHS) = field(
+        default="features",
+        metadata={"help": "features: CE and KD terms from the decoder features, --kd-chunk-size positions at a "
+                          "time, no logits for the whole batch; logits: from the whole batch's logits (the "
+                          "reference path; --kd-memory-budget chunks its terms)"},
+    )
+    kd_chunk_size: int = field(
+        default=1024, metadata={"help": "positions per chunk of --kd-path features"}
+    )
     kd_memory_budget: int = field(
         default=2048,
-        metadata={"help": "MiB for the KD terms' dense fp32 temporaries (positions x vocabulary); a batch that "
-                          "needs more is computed over chunks of positions, with the same result; 0: never chunk"},
+        metadata={"help": "--kd-path logits: MiB for the KD terms' dense fp32 temporaries (positions x "
+                          "vocabulary); a batch that needs more is computed over chunks of positions, with the "
+                          "same result; 0: never chunk"},
     )
     kd_max_skipped_frac: float = field(
         default=0.2,
@@ -84,11 +97,12 @@ class TeacherUse:
 class KDPasses(NamedTuple):
     """The result of a step's N passes."""
 
-    kd: torch.Tensor  # KL summed over KD positions, averaged over passes
+    loss: torch.Tensor  # (1 - alpha) * CE (when asked for) + alpha * (kd + lambda * rank); CE alone if not finite
+    ce: Optional[torch.Tensor]  # label-smoothed CE of pass 1 (detached), when asked for
+    nll: Optional[torch.Tensor]  # its NLL part
+    kd: torch.Tensor  # KL summed over KD positions, averaged over passes (detached)
     rank: torch.Tensor  # ranking loss, the same way
-    student_output: tuple  # the student's pass-1 net output
-    teacher_top1: torch.Tensor  # (B, T) the teacher's pass-1 argmax
-    lprobs: Optional[torch.Tensor]  # (B, T, V) the student's pass-1 log-probs, when asked for
+    agreement: dict  # pass 1's agreement_counts
     nonfinite: int  # positions of any pass, padding included, whose terms are not finite
 
 
@@ -98,7 +112,7 @@ _BASE_KEYS = ("loss", "nll_loss", "ntokens", "nsentences", "sample_size")
 class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed CE plus ``kd_terms`` over N passes; subclasses give the terms and the constants.
 
-    Args (beyond fairseq's): alpha, temperature, memory budget (MiB) as in ``KDConfig``;
+    Args (beyond fairseq's): alpha, temperature, path, chunk size, memory budget (MiB) as in ``KDConfig``;
     topk (k of the ranking loss or of a partial target), iterations (N), rank_weight (lambda).
     """
 
@@ -107,13 +121,15 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     kd_needs_lprobs = False
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, *, alpha,
-                 temperature, memory_budget, max_skipped_frac, skipped_window, topk, iterations, rank_weight):
+                 temperature, path, chunk_size, memory_budget, max_skipped_frac, skipped_window, topk, iterations,
+                 rank_weight):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
         self.require_flag(0 <= alpha <= 1, f"--kd-alpha must be in [0, 1], got {alpha}")
         self.require_flag(topk >= 1, f"--kd-topk must be >= 1, got {topk}")
         self.require_flag(temperature > 0, f"--kd-temperature must be > 0, got {temperature}")
         self.require_flag(memory_budget >= 0, f"--kd-memory-budget must be >= 0 (MiB), got {memory_budget}")
+        self.require_flag(chunk_size >= 1, f"--kd-chunk-size must be >= 1, got {chunk_size}")
         self.require_flag(0 <= max_skipped_frac <= 1,
                           f"--kd-max-skipped-frac must be in [0, 1], got {max_skipped_frac}")
         self.require_flag(skipped_window >= 1, f"--kd-skipped-window must be >= 1, got {skipped_window}")
@@ -122,6 +138,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         self.iterations = iterations
         self.rank_weight = rank_weight
         self.temperature = temperature
+        self.path, self.chunk_size = str(path), chunk_size
         self.memory_budget = memory_budget * 2**20
         self.max_skipped_frac = max_skipped_frac
         self._recent_skips = deque(maxlen=skipped_window)  # 1 per training batch whose KD term was skipped
@@ -168,20 +185,16 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         if self.task.teacher_cache is not None:
             cached = [t.to(target.device) for t in self.task.teacher_cache.batch(sample["id"], target.size(1),
                                                                                     self.padding_idx)]
-        passes = self._kd_passes(model, teacher, sample["net_input"], target, mask, need_lprobs=True, cached=cached)
+        passes = self._kd_passes(model, teacher, sample["net_input"], target, mask, with_ce=True, cached=cached)
         self._check_teacher_health(passes.nonfinite)
-        ce, nll = self._gold_loss(passes.lprobs, target)
         if passes.nonfinite:
-            # The KD graph stays out of the loss: its backward would turn the NaNs into NaN gradients (0 * NaN).
-            loss, kd_logs = (1 - self.alpha) * ce, self._skipped(passes.nonfinite)
+            kd_logs = self._skipped(passes.nonfinite)
         else:
-            loss = (1 - self.alpha) * ce + self.alpha * (passes.kd + self.rank_weight * passes.rank)
-            kd_logs = dict(kd=passes.kd.data, rank=passes.rank.data,
-                           **agreement_counts(passes.student_output[0], passes.teacher_top1, target, mask))
+            kd_logs = dict(kd=passes.kd, rank=passes.rank, **passes.agreement)
         sample_size = sample["target"].size(0) if self.sentence_avg else sample["ntokens"]
-        return loss, sample_size, self._logging_output(
-            loss=loss.data, nll_loss=nll.data, ntokens=sample["ntokens"], nsentences=sample["target"].size(0),
-            sample_size=sample_size, **kd_logs,
+        return passes.loss, sample_size, self._logging_output(
+            loss=passes.loss.data, nll_loss=passes.nll, ntokens=sample["ntokens"],
+            nsentences=sample["target"].size(0), sample_size=sample_size, **kd_logs,
         )
 
     def _check_teacher_health(self, nonfinite):
@@ -228,17 +241,16 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         mask = generated.clone()
         mask[:, : self.ignore_prefix_size] = False
         net_input = {"src_tokens": src_tokens, "src_lengths": src_lengths, "prev_output_tokens": prev}
-        passes = self._kd_passes(model, teacher, net_input, target, mask, self.kd_needs_lprobs)
+        passes = self._kd_passes(model, teacher, net_input, target, mask, with_ce=False)
         self._check_teacher_health(passes.nonfinite)
         if passes.nonfinite:
             # Nothing to learn from this batch: a zero loss (zero gradients) that weighs nothing in the update.
-            loss, sample_size = passes.student_output[0].sum() * 0, 0
-            kd_logs = self._skipped(passes.nonfinite)
+            sample_size, kd_logs = 0, self._skipped(passes.nonfinite)
         else:
-            loss = self.alpha * (passes.kd + self.rank_weight * passes.rank)
             sample_size = src_tokens.size(0) if self.sentence_avg else int(generated.sum())
-            kd_logs = dict(kd_mono=passes.kd.data, rank_mono=passes.rank.data, mono_tokens=mask.sum(),
+            kd_logs = dict(kd_mono=passes.kd, rank_mono=passes.rank, mono_tokens=mask.sum(),
                            mono_sentences=src_tokens.size(0))
+        loss = passes.loss
         # ntokens 0: nll_loss and ppl stay about gold tokens.
         return loss, sample_size, self._logging_output(
             loss=loss.data, nll_loss=0.0, ntokens=0, nsentences=src_tokens.size(0), sample_size=sample_size,
@@ -262,50 +274,112 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         output.update({k: torch.as_tensor(values.get(k, 0), device=device) for k in keys})
         return output
 
-    def _kd_passes(self, model, teacher, net_input, target, mask, need_lprobs, cached=None) -> KDPasses:
-        """The N passes from ``net_input``'s prefix.
+    def _kd_passes(self, model, teacher, net_input, target, mask, with_ce, cached=None) -> KDPasses:
+        """The N passes from ``net_input``'s prefix, and the step's loss.
 
         Pass 1 is one forward through the (possibly DDP-wrapped) model; its encoder output
         is captured for the later passes, which call the decoder alone. ``cached`` (ids,
         log-probs, tail) replaces the teacher on pass 1; later passes decode new prefixes,
-        so they run the teacher.
+        so they run the teacher. With ``--kd-path features`` (and no cache, and terms from
+        logits) the loss is formed from the decoder features chunk by chunk.
         """
         src_lengths = net_input["src_lengths"]
-        first_prev = net_input["prev_output_tokens"]
         encoder_outs = []
         hook = model.encoder.register_forward_hook(lambda _m, _i, out: encoder_outs.append(out))
+        from_features = self.path == "features" and cached is None and not self.kd_needs_lprobs
         try:
-            net_output = model(**net_input)
+            net_output = model(**net_input, features_only=from_features)
         finally:
             hook.remove()
-        needs_teacher = cached is None or self.iterations > 1
-        teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths) if needs_teacher else None
+        teacher_encoder_out = None
+        if cached is None or self.iterations > 1:
+            teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths)
+
+        def decode(prev):
+            return model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths,
+                                 features_only=from_features)
+
+        passes = self._feature_passes if from_features else self._logit_passes
+        return passes(model, teacher, net_input["prev_output_tokens"], net_output, decode, teacher_encoder_out,
+                      src_lengths, target, mask, with_ce, cached)
+
+    def _feature_passes(self, model, teacher, first_prev, net_output, decode, teacher_encoder_out, src_lengths,
+                        target, mask, with_ce, cached):
+        """``_kd_passes`` from the decoder features: no positions x vocabulary tensor for the whole batch."""
+        step = FeatureLoss(
+            self._output_weight(model.decoder, "student"), ce_weight=(1 - self.alpha) if with_ce else 0.0,
+            kd_weight=self.alpha / self.iterations, label_smoothing=self.eps, k=self.topk,
+            temperature=self.temperature, rank_weight=self.rank_weight, pad=self.padding_idx,
+            max_rows=self.chunk_size,
+        )
+        teacher_weight = self._output_weight(teacher.model.decoder, "teacher")
+        prev, stats = first_prev, []
+        for n in range(self.iterations):
+            if n > 0:
+                prev = student_prefix(first_prev, stats[-1].predictions, self.padding_idx)
+                net_output = decode(prev)
+            teacher_features = teacher.decode_features(prev, teacher_encoder_out, src_lengths)
+            stats.append(step.add_pass(net_output[0], teacher_features, teacher_weight, target, mask,
+                                       with_ce=with_ce and n == 0))
+        first = stats[0]
+        kd = sum(p.kl for p in stats) / self.iterations
+        rank = sum(p.rank for p in stats) / self.iterations
+        ce_part = (1 - self.alpha) * first.ce if with_ce else first.ce * 0
+        value = ce_part if step.kd_dropped else ce_part + self.alpha * (kd + self.rank_weight * rank)
+        agreement = {"kd_tokens": mask.sum(), "top1_agree": first.top1_agree.round().long(),
+                     "teacher_gold": first.teacher_gold.round().long()}
+        return KDPasses(step.loss(value), first.ce if with_ce else None, first.nll if with_ce else None, kd, rank,
+                        agreement, sum(p.nonfinite for p in stats))
+
+    def _output_weight(self, decoder, role):
+        """The (V, d) output projection of a decoder, or one line saying why --kd-path features cannot use it."""
+        projection = getattr(decoder, "output_projection", None)
+        if getattr(decoder, "adaptive_softmax", None) is not None or not isinstance(projection, torch.nn.Linear) \
+                or projection.bias is not None:
+            raise SystemExit(f"{self.name}: error: --kd-path features needs the {role}'s decoder to end in one "
+                             f"output projection without bias (not an adaptive softmax); use --kd-path logits")
+        return projection.weight
+
+    def _logit_passes(self, model, teacher, first_prev, net_output, decode, teacher_encoder_out, src_lengths,
+                      target, mask, with_ce, cached):
+        """``_kd_passes`` from the whole batch's logits: the reference path."""
         prev, lprobs, predictions = first_prev, None, None
         kd_sum = rank_sum = nonfinite = 0
         for n in range(self.iterations):
             if n > 0:
                 prev = student_prefix(first_prev, predictions, self.padding_idx)
-                net_output = model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths)
+                net_output = decode(prev)
             student_logits = net_output[0]
-            if n == 0 and need_lprobs:
+            if n == 0 and (with_ce or self.kd_needs_lprobs):
                 lprobs = model.get_normalized_probs(net_output, log_probs=True)
             if n == 0 and cached is not None:
                 # The CE's log-probs: the cached terms need them at a few tokens only, and share their backward.
                 kl, rank = cached_kd_terms(lprobs, *cached, self.topk, self.rank_weight > 0, normalized=True,
                                            max_rows=max_rows_for_budget(lprobs.size(-1), self.memory_budget))
-                first = (net_output, cached[0][..., 0])
+                first = (student_logits, cached[0][..., 0])
             else:
                 teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
                 kl, rank = self.kd_terms(student_logits, lprobs if n == 0 else None, teacher_logits, target)
                 if n == 0:
-                    first = (net_output, teacher_logits.argmax(dim=-1))
+                    first = (student_logits, teacher_logits.argmax(dim=-1))
             kd_sum = kd_sum + kl.masked_fill(~mask, 0).sum()
             rank_sum = rank_sum + rank.masked_fill(~mask, 0).sum()
             # Padding positions count too: masked out of the value, their NaNs would still reach the gradient.
             nonfinite = nonfinite + (~torch.isfinite(kl + rank)).sum()
             if n + 1 < self.iterations:
                 predictions = next_predictions(student_logits, self.padding_idx)
-        return KDPasses(kd_sum / self.iterations, rank_sum / self.iterations, *first, lprobs, int(nonfinite))
+        kd, rank = kd_sum / self.iterations, rank_sum / self.iterations
+        ce = nll = None
+        # Without CE, a zero that keeps the student's graph (zero gradients) stands in when KD is dropped.
+        loss = first[0].sum() * 0
+        if with_ce:
+            ce, nll = self._gold_loss(lprobs, target)
+            loss = (1 - self.alpha) * ce
+        if not nonfinite:
+            # Kept out otherwise: its backward would turn the NaNs into NaN gradients (0 * NaN).
+            loss = loss + self.alpha * (kd + self.rank_weight * rank)
+        return KDPasses(loss, None if ce is None else ce.detach(), None if nll is None else nll.detach(),
+                        kd.detach(), rank.detach(), agreement_counts(*first, target, mask), int(nonfinite))
 
     def max_rows(self, logits):
         """Positions per chunk of the KD terms under --kd-memory-budget (None: all at once); logs the first split."""
