@@ -4,7 +4,8 @@ VENV ?= .venv
 # The CPU build on machines that have it; set TORCH= to keep a torch you installed (e.g. CUDA).
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# Test processes; each module runs whole in one of them (its module fixtures are built once).
+# Test processes; each module runs whole in one of them (its module fixtures are built once), handed out
+# in the order tests/conftest.py gives them, the longest first.
 TEST_WORKERS ?= 2
 STAMP := $(VENV)/.installed
 
@@ -27,12 +28,14 @@ $(STAMP): requirements/build.txt requirements/fairseq.txt requirements/runtime.t
 
 test: $(STAMP)
 	$(BIN)/ruff check --quiet .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder tests
 
 # Benchmarks measure and print ratios; they are not tests.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/loss_kernel.py
-	$(BIN)/python benchmarks/kd_step.py
+	$(BIN)/python benchmarks/feature_loss.py
+	$(BIN)/python benchmarks/kd_step.py --preset small-32k --steps 5 --warmup 2
+	$(BIN)/python benchmarks/kd_step.py --preset tiny-256k --steps 3 --warmup 1 --criteria ce "tie_kd N=3" "tie_kd N=3 logits"
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo/run_demo.py --profile $(PROFILE) --out $(DEMO_OUT)

@@ -1,11 +1,12 @@
 """Full training steps (forward, backward, optimizer) of a student under each criterion, on a fixed batch.
 
-    python benchmarks/kd_step.py [--preset small|base-big] [--fp16] [--rounds R] [--json FILE]
+    python benchmarks/kd_step.py [--preset small|small-32k|base-big] [--fp16] [--rounds R] [--json FILE]
 
 Each criterion runs in its own process: median step time after warm-up, target
 tokens per second, peak memory (CUDA max allocated; on CPU the peak resident
 set size above what the models and batch already hold), and each ratio against
-``ce``. Models are built from fairseq's own architectures with random weights
+``ce``; the ``logits`` rows are ``--kd-path logits``, the reference the default
+features path is compared with. Models are built from fairseq's own architectures with random weights
 and a random batch: speed does not depend on what the weights know. ``word_kd
 cached`` reads the teacher's top-8 for the batch from memory instead of running
 the teacher, as ``--teacher-cache`` does from a memory-mapped file (the file
@@ -26,17 +27,25 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import peak_memory  # noqa: E402
 
+
+def transformer(layers, width, heads, ffn=4):
+    """fairseq flags of a Transformer: ``layers`` + ``layers`` layers of ``width``, FFN ``ffn`` x wider, ``heads``."""
+    return ["--arch", "transformer", "--encoder-layers", str(layers), "--decoder-layers", str(layers),
+            "--encoder-embed-dim", str(width), "--decoder-embed-dim", str(width),
+            "--encoder-ffn-embed-dim", str(ffn * width), "--decoder-ffn-embed-dim", str(ffn * width),
+            "--encoder-attention-heads", str(heads), "--decoder-attention-heads", str(heads)]
+
+
 PRESETS = {
     # A CPU-sized pair: 2+2 layers d256 student, 3+3 layers d512 teacher, 8k vocabulary.
-    "small": {"student": ["--arch", "transformer", "--encoder-layers", "2", "--decoder-layers", "2",
-                          "--encoder-embed-dim", "256", "--decoder-embed-dim", "256",
-                          "--encoder-ffn-embed-dim", "1024", "--decoder-ffn-embed-dim", "1024",
-                          "--encoder-attention-heads", "4", "--decoder-attention-heads", "4"],
-              "teacher": ["--arch", "transformer", "--encoder-layers", "3", "--decoder-layers", "3",
-                          "--encoder-embed-dim", "512", "--decoder-embed-dim", "512",
-                          "--encoder-ffn-embed-dim", "2048", "--decoder-ffn-embed-dim", "2048",
-                          "--encoder-attention-heads", "8", "--decoder-attention-heads", "8"],
+    "small": {"student": transformer(2, 256, 4), "teacher": transformer(3, 512, 8),
               "vocab": 8000, "sentences": 32, "length": 24},
+    # The small pair at a 32k vocabulary and 2048 target positions: where the logits are most of a step.
+    "small-32k": {"student": transformer(2, 256, 4), "teacher": transformer(3, 512, 8),
+                  "vocab": 32000, "sentences": 64, "length": 32},
+    # A 256k vocabulary (multilingual teachers' size) with small widths: what fits on a 24 GB CPU machine.
+    "tiny-256k": {"student": transformer(1, 64, 2, ffn=2), "teacher": transformer(1, 128, 2, ffn=2),
+                  "vocab": 256000, "sentences": 32, "length": 32, "kd_flags": ["--kd-chunk-size", "128"]},
     # The paper's pair: Transformer-base student, Transformer-big teacher, 32k vocabulary (for CUDA).
     "base-big": {"student": ["--arch", "transformer"], "teacher": ["--arch", "transformer_vaswani_wmt_en_de_big"],
                  "vocab": 32000, "sentences": 128, "length": 32},
@@ -46,8 +55,18 @@ CRITERIA = {
     "word_kd": ["--criterion", "word_kd"],
     "tie_kd N=1": ["--criterion", "tie_kd", "--kd-iterations", "1"],
     "tie_kd N=3": ["--criterion", "tie_kd", "--kd-iterations", "3"],
+    "tie_kd N=1 logits": ["--criterion", "tie_kd", "--kd-iterations", "1", "--kd-path", "logits"],
+    "tie_kd N=3 logits": ["--criterion", "tie_kd", "--kd-iterations", "3", "--kd-path", "logits"],
     "word_kd cached": ["--criterion", "word_kd"],
 }
+# (numerator, denominator, measure, target): memory of the features path against CE, and its time
+# against the logits path it replaces.
+TARGETS = [
+    ("tie_kd N=1", "ce", "peak_bytes", 1.0),
+    ("tie_kd N=3", "ce", "peak_bytes", 1.3),
+    ("tie_kd N=3", "tie_kd N=3 logits", "seconds", 1.0),
+    ("tie_kd N=1", "tie_kd N=1 logits", "seconds", 1.0),
+]
 CACHE_K = 8
 
 
@@ -84,7 +103,7 @@ def _build(preset, name, device, fp16):
         args = options.parse_args_and_arch(parser, [
             "unused", "--user-dir", str(Path(__file__).resolve().parents[1] / "tiekd_fairseq"),
             "--task", "translation_kd", "--share-all-embeddings", "--label-smoothing", "0.1",
-            *arch_flags, *CRITERIA[name],
+            *arch_flags, *CRITERIA[name], *(spec.get("kd_flags", []) if name != "ce" else []),
         ])
         return convert_namespace_to_omegaconf(args)
 
@@ -151,19 +170,25 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=1,
                         help="run every criterion this many times, round-robin, and keep each one's fastest")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--criteria", nargs="+", choices=sorted(CRITERIA), default=list(CRITERIA),
+                        help="the criteria to run (default: all)")
     parser.add_argument("--worker", choices=sorted(CRITERIA), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(args.preset, args.worker, args.device, args.fp16, args.steps, args.warmup)))
         return
     results = {}
+    criteria = ["ce", *(name for name in args.criteria if name != "ce")]  # ce: every ratio's denominator
     for _ in range(args.rounds):
-        for name in CRITERIA:
+        for name in criteria:
             cmd = [sys.executable, __file__, "--worker", name, "--preset", args.preset, "--device", args.device,
                    "--steps", str(args.steps), "--warmup", str(args.warmup), *(["--fp16"] if args.fp16 else [])]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
-            if name not in results or result["seconds"] < results[name]["seconds"]:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:  # out of memory, say: the table says so
+                results.setdefault(name, {"failed": proc.stderr.strip().splitlines()[-1:] or [str(proc.returncode)]})
+                continue
+            result = json.loads(proc.stdout.strip().splitlines()[-1])
+            if "seconds" not in results.get(name, {}) or result["seconds"] < results[name]["seconds"]:
                 results[name] = result
     ce = results["ce"]
     print(f"kd_step: preset={args.preset} device={args.device} {'fp16' if args.fp16 else 'fp32'} "
@@ -171,11 +196,22 @@ def main(argv=None):
     print("| criterion | step ms | target tok/s | peak MiB | time vs ce | memory vs ce |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
+        if "failed" in r:
+            print(f"| {name} | failed: {r['failed'][0][:80]} | | | | |")
+            continue
         print(f"| {name} | {r['seconds'] * 1000:.1f} | {r['tokens_per_s']:.0f} | {r['peak_bytes'] / 2**20:.1f} | "
               f"{r['seconds'] / ce['seconds']:.2f} | {r['peak_bytes'] / ce['peak_bytes']:.2f} |")
-    ratio = results["tie_kd N=1"]["seconds"] / results["word_kd"]["seconds"]
-    cached = results["word_kd cached"]["tokens_per_s"] / ce["tokens_per_s"]
-    print(f"kd_step: tie_kd_N1/word_kd time_ratio={ratio:.2f} word_kd_cached/ce throughput_ratio={cached:.2f}")
+    if "word_kd" in results and "word_kd cached" in results:
+        ratio = results["tie_kd N=1"]["seconds"] / results["word_kd"]["seconds"]
+        cached = results["word_kd cached"]["tokens_per_s"] / ce["tokens_per_s"]
+        print(f"kd_step: tie_kd_N1/word_kd time_ratio={ratio:.2f} word_kd_cached/ce throughput_ratio={cached:.2f}")
+    for over, under, measure_key, target in TARGETS:
+        if measure_key not in results.get(over, {}) or measure_key not in results.get(under, {}):
+            continue
+        value = results[over][measure_key] / results[under][measure_key]
+        what = "memory" if measure_key == "peak_bytes" else "time"
+        print(f"kd_step: {over} / {under} {what} ratio={value:.2f} target<={target:.2f} "
+              f"{'met' if value <= target else 'MISSED'}")
     if args.json:
         from tiekd_cli.files import atomic_write_text
 

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny real corpus, binarized with fairseq, and a teacher trained through the CLI."""
 
+import fcntl
 import lzma
 import os
 import shutil
@@ -54,13 +55,33 @@ def _pairs(split, count, max_words=25):
     return pairs[:count]
 
 
-@pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
-    """LibreOffice help pairs (3000 train / 200 valid / 100 test), a joint 1k sentencepiece model, a data-bin."""
+def built_once(tmp_path_factory, name, build):
+    """A folder filled by ``build(folder)`` once per test run, shared by the pytest-xdist workers.
+
+    Each worker's temporary folder lies in the run's own: the first worker to ask builds ``name`` there
+    under a file lock, the others wait for it and reuse the folder. Without workers, a folder of this run.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent
+    folder, built = shared / name, shared / f"{name}.built"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not built.exists():
+            # A worker whose build failed left a partial folder: start afresh.
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            built.touch()
+    return folder
+
+
+def _build_corpus(root, raw):
+    """Write ``raw`` ({split: pairs}), a sentencepiece model trained on it, its encoding and ``root/bin``."""
     import sentencepiece as spm
 
-    root = tmp_path_factory.mktemp("corpus")
-    raw = {"train": _pairs("train", 3000), "valid": _pairs("valid", 200), "test": _pairs("test", 100)}
     for split, pairs in raw.items():
         for i, lang in enumerate(("en", "de")):
             (root / f"raw.{split}.{lang}").write_text("".join(p[i] + "\n" for p in pairs), encoding="utf-8")
@@ -74,21 +95,25 @@ def corpus(tmp_path_factory):
             lines = (root / f"raw.{split}.{lang}").read_text(encoding="utf-8").splitlines()
             encoded = (" ".join(sp.encode(line, out_type=str)) + "\n" for line in lines)
             (root / f"sp.{split}.{lang}").write_text("".join(encoded))
-    data_bin = root / "bin"
     fairseq(
         "fairseq-preprocess", "--source-lang", "en", "--target-lang", "de",
         "--trainpref", root / "sp.train", "--validpref", root / "sp.valid", "--testpref", root / "sp.test",
-        "--destdir", data_bin, "--joined-dictionary", "--workers", "1",
+        "--destdir", root / "bin", "--joined-dictionary", "--workers", "1",
     )
-    return SimpleNamespace(root=root, data_bin=data_bin, raw=raw)
 
 
 @pytest.fixture(scope="session")
-def teacher(corpus, tmp_path_factory):
-    """A teacher trained with label_smoothed_cross_entropy and --eval-bleu (its checkpoint holds numpy metrics)."""
-    save_dir = tmp_path_factory.mktemp("teacher")
+def corpus(tmp_path_factory):
+    """LibreOffice help pairs (3000 train / 200 valid / 100 test), a joint 1k sentencepiece model, a data-bin."""
+    raw = {"train": _pairs("train", 3000), "valid": _pairs("valid", 200), "test": _pairs("test", 100)}
+    root = built_once(tmp_path_factory, "corpus", lambda root: _build_corpus(root, raw))
+    return SimpleNamespace(root=root, data_bin=root / "bin", raw=raw)
+
+
+def _train_teacher(data_bin, save_dir):
+    """Train the teacher on ``data_bin`` into ``save_dir``."""
     fairseq(
-        "fairseq-train", corpus.data_bin, *TEACHER_ARCH, *COMMON,
+        "fairseq-train", data_bin, *TEACHER_ARCH, *COMMON,
         "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", "0.1",
         "--optimizer", "adam", "--lr", "5e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "20",
         "--dropout", "0.1", "--max-tokens", "4096", "--max-epoch", "6", "--validate-interval", "3",
@@ -96,6 +121,12 @@ def teacher(corpus, tmp_path_factory):
         "--best-checkpoint-metric", "bleu", "--maximize-best-checkpoint-metric", "--no-epoch-checkpoints",
         "--save-dir", save_dir,
     )
+
+
+@pytest.fixture(scope="session")
+def teacher(corpus, tmp_path_factory):
+    """A teacher trained with label_smoothed_cross_entropy and --eval-bleu (its checkpoint holds numpy metrics)."""
+    save_dir = built_once(tmp_path_factory, "teacher", lambda save_dir: _train_teacher(corpus.data_bin, save_dir))
     return save_dir / "checkpoint_best.pt"
 
 
@@ -120,6 +151,23 @@ def data_bin_with_swapped_symbols(data_bin, dest):
         lines[10], lines[11] = lines[11], lines[10]
         (dest / f"dict.{lang}.txt").write_text("\n".join(lines) + "\n")
     return tuple(line.split()[0] for line in lines[10:12])
+
+
+# The modules that run longest, longest first; the others follow in collection order. `make test` hands whole
+# modules to its processes in this order (--no-loadscope-reorder): a long module handed out last would keep one
+# process busy while the other has nothing left to do.
+LONGEST_FIRST = ["test_recipes.py", "test_demo.py", "robustness/test_processes.py", "test_seqkd.py", "test_cli.py",
+                 "test_training_configs.py", "robustness/test_numerics.py", "test_iterate.py"]
+
+
+def pytest_collection_modifyitems(items):
+    tests, rank = Path(__file__).parent, {name: i for i, name in enumerate(LONGEST_FIRST)}
+
+    def module_rank(item):
+        path = Path(item.path)
+        return rank.get(path.relative_to(tests).as_posix(), len(rank)) if path.is_relative_to(tests) else len(rank)
+
+    items.sort(key=module_rank)
 
 
 # The robustness ledger (tests/robustness) across pytest-xdist workers: each worker sends its own, and the

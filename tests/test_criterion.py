@@ -135,6 +135,8 @@ EQUAL_PATHS = {
                            "--label-smoothing", "0.2", "--kd-chunk-size", "100000"], valid_sample),
     "no ranking, prefix ignored": (["--kd-iterations", "2", "--rank-weight", "0", "--kd-alpha", "0.6",
                                     "--ignore-prefix-size", "1", "--kd-chunk-size", "33"], valid_sample),
+    "activations kept, N=3": (["--kd-iterations", "3", "--kd-alpha", "0.4", "--kd-keep-activations",
+                               "--kd-chunk-size", "50"], valid_sample),
     "source-only batch": (["--kd-iterations", "2", "--kd-topk", "4", "--kd-alpha", "0.8", "--rank-weight", "1.5",
                            "--kd-chunk-size", "10", "--mono-prefix", "student"], _mono_sample),
 }
@@ -155,6 +157,22 @@ def test_the_features_path_equals_the_logits_path_in_loss_logs_and_every_gradien
     for name, want in logits[2].items():
         # Shared embeddings: the output projection's gradient reaches the one embedding matrix.
         assert torch.allclose(feats[2][name], want, rtol=1e-5, atol=1e-5 * scale), name
+
+
+def test_passes_recomputed_in_backward_keep_their_dropout(corpus, teacher):
+    """With dropout, recomputing passes 2..N in backward gives the gradients of keeping their activations."""
+    results = []
+    for keep in ([], ["--kd-keep-activations"]):
+        task, model, criterion = build(corpus.data_bin, teacher, "--dropout", "0.3", "--kd-iterations", "3", *keep)
+        model.train()
+        torch.manual_seed(11)
+        loss, _, _ = criterion(model, valid_sample(task))
+        loss.backward()
+        results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
+    (recomputed, grads), (kept, want) = results
+    assert torch.equal(recomputed, kept)
+    for name in want:
+        assert torch.allclose(grads[name], want[name], rtol=1e-6, atol=1e-7), name
 
 
 def test_sample_unchanged_and_teacher_frozen_through_a_training_step(setup):
@@ -254,3 +272,37 @@ def test_word_kd_targets_use_partial_kd(corpus, teacher, setup, kd_target):
 def test_word_kd_refuses_temperature_outside_full(corpus, teacher):
     with pytest.raises(SystemExit, match="word_kd: error: --kd-temperature applies to --kd-target full only"):
         build(corpus.data_bin, teacher, "--criterion", "word_kd", "--kd-target", "top1", "--kd-temperature", "2")
+
+
+@pytest.mark.parametrize("path", ["features", "logits"])
+def test_no_tensor_of_all_positions_by_the_vocabulary_on_the_features_path(corpus, teacher, path):
+    """Every tensor with a vocabulary-sized dimension that any op makes in a tie_kd N=2 step (forward and
+    backward) is recorded by its rows (its size over the vocabulary)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    chunk = 80
+
+    class LargestOutput(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(t, torch.Tensor) and vocab in t.shape:
+                    LargestOutput.largest = max(LargestOutput.largest, t.numel() // vocab)
+            return out
+
+    task, model, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "2", "--kd-path", path,
+                                   "--kd-chunk-size", str(chunk))
+    sample = valid_sample(task)
+    vocab, positions = len(task.tgt_dict), sample["target"].numel()
+    # The bound below tells chunks from the batch, and from the output weights (vocabulary x width).
+    assert positions > 4 * chunk and max(model.decoder.embed_dim, task.teacher.model.decoder.embed_dim) < chunk
+    model.train()
+    with LargestOutput():
+        loss, _, _ = criterion(model, sample)
+        loss.backward()
+    if path == "features":
+        assert LargestOutput.largest <= chunk
+    else:
+        assert LargestOutput.largest >= positions

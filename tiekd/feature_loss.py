@@ -11,9 +11,8 @@ from typing import NamedTuple
 import torch
 
 from .chunking import row_chunks
-from .logit_terms import kl_and_rank_forward, kl_and_rank_gradient
 from .precision import compute_dtype
-from .prefixes import next_predictions
+from .ranking import ranking_from_topk
 
 
 class PassStats(NamedTuple):
@@ -65,15 +64,16 @@ class FeatureLoss:
 
         Args:
             features: (B, T, d) the student decoder's features (before the output projection).
-            teacher_features: (B, T, d') the teacher's; teacher_weight: (V, d') its output projection.
+            teacher_features: (B, T, d') the teacher's (None: CE alone); teacher_weight: (V, d') its output
+                projection.
             target: (B, T) gold ids (CE and the teacher-gold count); mask: (B, T) the positions that count.
             with_ce: whether this pass carries the CE (pass 1 of a parallel batch).
         """
         if not self.features:
             self._first = (features, target, mask, with_ce)
         f = features.detach().reshape(-1, features.size(-1))
-        tf = teacher_features.detach().reshape(-1, teacher_features.size(-1))
-        tw = teacher_weight.detach()
+        if teacher_features is not None:
+            tf, tw = teacher_features.detach().reshape(-1, teacher_features.size(-1)), teacher_weight.detach()
         target, mask = target.reshape(-1), mask.reshape(-1)
         grad = torch.zeros(f.shape, dtype=self.dtype, device=f.device)
         sums = torch.zeros(6, dtype=self.dtype, device=f.device)  # ce, nll, kl, rank, top1_agree, teacher_gold
@@ -81,19 +81,10 @@ class FeatureLoss:
         nonfinite = 0
         for r in row_chunks(f.size(0), self.max_rows):
             s = f[r].to(self.dtype) @ self.w.T
-            t = (tf[r] @ tw.T).to(self.dtype)
-            m = mask[r].to(self.dtype)
-            kl, rank, *saved = kl_and_rank_forward(s, t, self.k, self.tau, self.rank_weight > 0)
-            nonfinite += int((~torch.isfinite(kl + rank)).sum())
-            teacher_top1 = t.argmax(dim=-1)
-            agrees = s.gather(-1, teacher_top1.unsqueeze(-1)).squeeze(-1) >= s.amax(dim=-1)
-            sums[2:] += torch.stack([(kl * m).sum(), (rank * m).sum(), (agrees * m).sum(),
-                                     (teacher_top1.eq(target[r]) * m).sum()])
-            predictions[r] = next_predictions(s, self.pad)
-            kd = 0 if self.kd_dropped or nonfinite else self.kd_weight
-            g = kl_and_rank_gradient(s, t, kd * m, kd * self.rank_weight * m, saved, self.tau) if kd else None
-            if with_ce:
-                g = self._add_ce(s, target[r], m, sums, g)
+            t = None if teacher_features is None else (tf[r] @ tw.T).to(self.dtype)
+            g, chunk_nonfinite, predictions[r] = self._chunk(s, t, target[r], mask[r].to(self.dtype), sums,
+                                                             with_ce, not (self.kd_dropped or nonfinite))
+            nonfinite += chunk_nonfinite
             if g is not None:
                 grad[r] = g @ self.w
                 self.grad_weight.addmm_(g.T, f[r].to(self.dtype))
@@ -103,20 +94,84 @@ class FeatureLoss:
             self._drop_kd()
         return PassStats(*sums.unbind(), nonfinite=nonfinite, predictions=predictions.view(features.shape[:-1]))
 
-    def _add_ce(self, s, target, m, sums, g):
-        """Add the chunk's label-smoothed CE to ``sums`` and ``ce_weight`` times its gradient to ``g`` (or None)."""
-        vocab = s.size(-1)
-        lse = torch.logsumexp(s, dim=-1)
-        nll = lse - s.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        smooth = vocab * lse - s.sum(dim=-1)
-        eps_i = self.eps / (vocab - 1)
-        sums[0] += (((1 - self.eps - eps_i) * nll + eps_i * smooth) * m).sum()
-        sums[1] += (nll * m).sum()
-        # d(label-smoothed CE)/ds = softmax(s) - (1 - eps - eps_i) * onehot(target) - eps_i
-        w = (self.ce_weight * m).unsqueeze(-1)
-        ce_grad = torch.softmax(s, dim=-1).sub_(eps_i).mul_(w)
-        ce_grad.scatter_add_(-1, target.unsqueeze(-1), -(1 - self.eps - eps_i) * w)
-        return ce_grad if g is None else g.add_(ce_grad)
+    def _chunk(self, s, t, target, m, sums, with_ce, kd_grad):
+        """One chunk's terms, added to ``sums``, and their weighted gradient for its logits, in few passes.
+
+        Args:
+            s, t: (c, V) student and teacher logits in the compute dtype (t None: CE alone).
+            target, m: (c) gold ids and the positions that count (0/1 in the compute dtype).
+            sums: (6) ce, nll, kl, rank, top1_agree, teacher_gold, added to.
+            with_ce: whether the CE is part of this pass; kd_grad: whether the KD terms may add to the gradient
+                (not once the KD part is dropped, nor where they are not finite).
+
+        Returns:
+            (dL/ds (c, V) or None when nothing adds to it, non-finite KD positions, next-pass predictions (c)).
+        """
+        vocab, tau, m = s.size(-1), self.tau, m.unsqueeze(-1)
+        with_rank = t is not None and self.rank_weight > 0
+        # One top-k of the student serves its maximum, its ranking ids and the next prefix's runner-up rule.
+        s_top, b = s.topk(max(self.k if with_rank else 1, 2), dim=-1)
+        predictions = torch.where(b[:, 0].eq(self.pad), b[:, 1], b[:, 0])
+        p, lse_s = _softmax_and_lse(s, s_top[:, :1])
+        w_ce = self.ce_weight * m if with_ce else None
+        if with_ce:
+            nll = (lse_s - s.gather(-1, target.unsqueeze(-1))).squeeze(-1)
+            eps_i = self.eps / (vocab - 1)
+            smooth = vocab * lse_s.squeeze(-1) - s.sum(dim=-1)
+            sums[:2] += torch.stack([(((1 - self.eps - eps_i) * nll + eps_i * smooth) * m.squeeze(-1)).sum(),
+                                     (nll * m.squeeze(-1)).sum()])
+        nonfinite, w_kd, q_tau, p_tau = 0, None, None, None
+        if t is not None:
+            t_top, a = t.topk(self.k if with_rank else 1, dim=-1)
+            if tau == 1:
+                q, lse_t = _softmax_and_lse(t, t_top[:, :1])
+                p_tau, q_tau, lse_s_tau, lse_t_tau = p, q, lse_s, lse_t
+            else:
+                p_tau, lse_s_tau = _softmax_and_lse(s / tau, s_top[:, :1] / tau)
+                q_tau, lse_t_tau = _softmax_and_lse(t / tau, t_top[:, :1] / tau)
+                lse_t = torch.logsumexp(t, dim=-1, keepdim=True) if with_rank else None
+            # KL(q_tau || p_tau) = sum_v q_tau (t - s) / tau - lse(t / tau) + lse(s / tau), times tau^2
+            cross = torch.einsum("cv,cv->c", q_tau, t) - torch.einsum("cv,cv->c", q_tau, s)
+            kl = tau * cross + tau**2 * (lse_s_tau - lse_t_tau).squeeze(-1)
+            rank = torch.zeros_like(kl)
+            if with_rank:
+                b = b[:, : self.k]
+                with torch.enable_grad():
+                    p_a = (s.gather(-1, a) - lse_s).exp().requires_grad_()
+                    p_b = (s_top[:, : self.k] - lse_s).exp().requires_grad_()
+                    rank = ranking_from_topk(p_a, p_b, (t_top - lse_t).exp(), (t.gather(-1, b) - lse_t).exp())
+                    # dR/dp at the gathered ids; dR/ds_v = sum_i g_i p_i (delta_iv - p_v).
+                    grad_p_a, grad_p_b = torch.autograd.grad(rank.sum(), (p_a, p_b))
+                rank = rank.detach()
+            nonfinite = int((~torch.isfinite(kl + rank)).sum())
+            teacher_top1 = a[:, 0]
+            agrees = s.gather(-1, teacher_top1.unsqueeze(-1)).squeeze(-1) >= s_top[:, 0]
+            sums[2:] += torch.stack([(kl * m.squeeze(-1)).sum(), (rank * m.squeeze(-1)).sum(),
+                                     (agrees * m.squeeze(-1)).sum(), (teacher_top1.eq(target) * m.squeeze(-1)).sum()])
+            if kd_grad and not nonfinite:
+                w_kd = self.kd_weight * m
+        if w_ce is None and w_kd is None:
+            return None, nonfinite, predictions
+        # g = w_ce (p - eps_i - (1 - eps - eps_i) onehot(y)) + w_kd tau (p_tau - q_tau)
+        #     + w_kd lambda (scatter(a, g_a p_a) + scatter(b, g_b p_b) - p sum(g p)), built in place.
+        coef_p = torch.zeros_like(lse_s) if w_ce is None else w_ce.clone()
+        rank_parts = None
+        if w_kd is not None and with_rank:
+            rank_parts = (w_kd * self.rank_weight * grad_p_a * p_a.detach(),
+                          w_kd * self.rank_weight * grad_p_b * p_b.detach())
+            coef_p -= rank_parts[0].sum(-1, keepdim=True) + rank_parts[1].sum(-1, keepdim=True)
+        if w_kd is not None and tau == 1:
+            coef_p += w_kd
+        g = p.mul_(coef_p)  # p is not needed after this
+        if w_kd is not None:
+            if tau != 1:
+                g.add_(p_tau.mul_(tau * w_kd))
+            g.sub_(q_tau.mul_(tau * w_kd))
+        if w_ce is not None:
+            g.sub_(w_ce * eps_i).scatter_add_(-1, target.unsqueeze(-1), -(1 - self.eps - eps_i) * w_ce)
+        if rank_parts is not None:
+            g.scatter_add_(-1, a, rank_parts[0]).scatter_add_(-1, b, rank_parts[1])
+        return g, nonfinite, predictions
 
     def _drop_kd(self):
         """Forget every stored gradient and keep pass 1's CE alone: a non-finite KD term would poison them."""
@@ -132,13 +187,20 @@ class FeatureLoss:
         scratch = torch.zeros(6, dtype=self.dtype, device=f.device)
         for r in row_chunks(f.size(0), self.max_rows):
             s = f[r].to(self.dtype) @ self.w.T
-            g = self._add_ce(s, target[r], mask[r].to(self.dtype), scratch, None)
+            g, _, _ = self._chunk(s, None, target[r], mask[r].to(self.dtype), scratch, True, False)
             self.grad_features[0][r] = g @ self.w
             self.grad_weight.addmm_(g.T, f[r].to(self.dtype))
 
     def loss(self, value) -> torch.Tensor:
         """``value`` (a 0-dim tensor, the loss computed from the stats) as the step's loss, with its gradients."""
         return _StoredGradients.apply(value, self.grad_weight, self.grad_features, self.weight, *self.features)
+
+
+def _softmax_and_lse(x, x_max):
+    """(softmax(x), logsumexp(x)) of (c, V) rows from one exponential pass, given each row's maximum (c, 1)."""
+    e = (x - x_max).exp_()
+    z = e.sum(dim=-1, keepdim=True)
+    return e.div_(z), x_max + z.log()
 
 
 class _StoredGradients(torch.autograd.Function):

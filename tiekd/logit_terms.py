@@ -42,7 +42,7 @@ class _TieKDTerms(torch.autograd.Function):
     def forward(ctx, s, t, k, tau, with_rank, max_rows):
         dtype = compute_dtype(s)
         ctx.tau, ctx.dtype, ctx.chunks = tau, dtype, row_chunks(s.size(0), max_rows)
-        parts = [kl_and_rank_forward(s[r].to(dtype), t[r].to(dtype), k, tau, with_rank) for r in ctx.chunks]
+        parts = [_forward(s[r].to(dtype), t[r].to(dtype), k, tau, with_rank) for r in ctx.chunks]
         kl, rank, *saved = (torch.cat(columns) for columns in zip(*parts))
         ctx.save_for_backward(s, t, *saved)
         return kl, rank
@@ -53,8 +53,8 @@ class _TieKDTerms(torch.autograd.Function):
         dtype = ctx.dtype
 
         def rows(r):
-            return kl_and_rank_gradient(s[r].to(dtype), t[r].to(dtype), grad_kl[r], grad_rank[r],
-                                        [x[r] for x in saved], ctx.tau)
+            return _backward(s[r].to(dtype), t[r].to(dtype), grad_kl[r], grad_rank[r], [x[r] for x in saved],
+                             ctx.tau)
 
         if len(ctx.chunks) == 1:
             grad = rows(ctx.chunks[0]).to(s.dtype)
@@ -66,13 +66,8 @@ class _TieKDTerms(torch.autograd.Function):
         return grad, None, None, None, None, None
 
 
-def kl_and_rank_forward(s32, t32, k, tau, with_rank):
-    """(kl, rank[, a, b, dR/dp_a * p_a, dR/dp_b * p_b]) for a block of positions, in the compute dtype.
-
-    Args:
-        s32, t32: (rows, V) student and teacher logits in the compute dtype.
-        k, tau, with_rank: as in ``tie_kd_terms``.
-    """
+def _forward(s32, t32, k, tau, with_rank):
+    """(kl, rank[, a, b, dR/dp_a * p_a, dR/dp_b * p_b]) for a block of positions, in the compute dtype."""
     s_tau, t_tau = (s32, t32) if tau == 1 else (s32 / tau, t32 / tau)
     lse_s_tau = torch.logsumexp(s_tau, dim=-1, keepdim=True)
     lse_t_tau = torch.logsumexp(t_tau, dim=-1, keepdim=True)
@@ -99,13 +94,8 @@ def kl_and_rank_forward(s32, t32, k, tau, with_rank):
     return kl, rank.detach(), a, b, grad_p_a * p_a.detach(), grad_p_b * p_b.detach()
 
 
-def kl_and_rank_gradient(s32, t32, grad_kl, grad_rank, saved, tau):
-    """d(grad_kl * kl + grad_rank * rank)/ds for a block of positions, in the compute dtype.
-
-    Args:
-        s32, t32: (rows, V) as given to ``kl_and_rank_forward``; saved: what it returned after kl and rank.
-        grad_kl, grad_rank: (rows) the weights of each position's terms.
-    """
+def _backward(s32, t32, grad_kl, grad_rank, saved, tau):
+    """d(grad_kl * kl + grad_rank * rank)/ds for a block of positions, in the compute dtype."""
     # d(tau^2 KL)/ds = tau (p_tau - q_tau)
     g_kl = (tau * grad_kl).unsqueeze(-1)
     p_tau = torch.softmax(s32 if tau == 1 else s32 / tau, dim=-1)

@@ -64,7 +64,7 @@ class Profile:
 
 PROFILES = {
     # Minutes: for the tests of the pipeline itself.
-    "tiny": Profile(train_pairs=1500, valid_pairs=60, test_pairs=60, mono_sentences=300, student_updates=12,
+    "tiny": Profile(train_pairs=1500, valid_pairs=20, test_pairs=20, mono_sentences=300, student_updates=12,
                     iterate_updates=6, tie_kd_iterations=1, bootstrap_samples=100),
     "default": Profile(train_pairs=0, valid_pairs=500, test_pairs=0, mono_sentences=0, student_updates=400,
                        iterate_updates=150, tie_kd_iterations=1, bootstrap_samples=1000),

@@ -26,6 +26,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from fairseq.dataclass import ChoiceEnum
 from fairseq.logging import metrics
+from torch.utils.checkpoint import checkpoint
 
 from tiekd import (
     FeatureLoss,
@@ -63,6 +64,11 @@ class KDConfig(LabelSmoothedCrossEntropyCriterionConfig):
     )
     kd_chunk_size: int = field(
         default=1024, metadata={"help": "positions per chunk of --kd-path features"}
+    )
+    kd_keep_activations: bool = field(
+        default=False,
+        metadata={"help": "--kd-path features: decoder passes 2..N keep their activations for backward (faster, "
+                          "more memory) instead of recomputing them there"},
     )
     kd_memory_budget: int = field(
         default=2048,
@@ -112,7 +118,8 @@ _BASE_KEYS = ("loss", "nll_loss", "ntokens", "nsentences", "sample_size")
 class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     """Label-smoothed CE plus ``kd_terms`` over N passes; subclasses give the terms and the constants.
 
-    Args (beyond fairseq's): alpha, temperature, path, chunk size, memory budget (MiB) as in ``KDConfig``;
+    Args (beyond fairseq's): alpha, temperature, path, chunk size, keep activations, memory budget (MiB) as in
+    ``KDConfig``;
     topk (k of the ranking loss or of a partial target), iterations (N), rank_weight (lambda).
     """
 
@@ -121,8 +128,8 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
     kd_needs_lprobs = False
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, *, alpha,
-                 temperature, path, chunk_size, memory_budget, max_skipped_frac, skipped_window, topk, iterations,
-                 rank_weight):
+                 temperature, path, chunk_size, keep_activations, memory_budget, max_skipped_frac, skipped_window,
+                 topk, iterations, rank_weight):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
         self.require_flag(0 <= alpha <= 1, f"--kd-alpha must be in [0, 1], got {alpha}")
@@ -138,7 +145,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         self.iterations = iterations
         self.rank_weight = rank_weight
         self.temperature = temperature
-        self.path, self.chunk_size = str(path), chunk_size
+        self.path, self.chunk_size, self.keep_activations = str(path), chunk_size, keep_activations
         self.memory_budget = memory_budget * 2**20
         self.max_skipped_frac = max_skipped_frac
         self._recent_skips = deque(maxlen=skipped_window)  # 1 per training batch whose KD term was skipped
@@ -296,8 +303,15 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             teacher_encoder_out = teacher.encode(net_input["src_tokens"], src_lengths)
 
         def decode(prev):
-            return model.decoder(prev, encoder_out=encoder_outs[0], src_lengths=src_lengths,
-                                 features_only=from_features)
+            def run(tokens):
+                return model.decoder(tokens, encoder_out=encoder_outs[0], src_lengths=src_lengths,
+                                     features_only=from_features)
+
+            if not from_features or self.keep_activations:
+                return run(prev)
+            # Only the prefix and the features stay alive; backward runs this pass's decoder again (with
+            # the same dropout) inside the step's one backward call.
+            return (checkpoint(lambda tokens: run(tokens)[0], prev, use_reentrant=False),)
 
         passes = self._feature_passes if from_features else self._logit_passes
         return passes(model, teacher, net_input["prev_output_tokens"], net_output, decode, teacher_encoder_out,

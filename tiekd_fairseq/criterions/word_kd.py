@@ -32,13 +32,13 @@ class WordKDCriterion(KDCriterion):
     name = "word_kd"
 
     def __init__(self, task, sentence_avg, label_smoothing, kd_alpha, kd_temperature, kd_target, kd_topk,
-                 kd_path="features", kd_chunk_size=1024, kd_memory_budget=2048,
-                 kd_max_skipped_frac=0.2, kd_skipped_window=100, ignore_prefix_size=0,
+                 kd_path="features", kd_chunk_size=1024, kd_keep_activations=False,
+                 kd_memory_budget=2048, kd_max_skipped_frac=0.2, kd_skipped_window=100, ignore_prefix_size=0,
                  report_accuracy=False):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, alpha=kd_alpha,
                          temperature=kd_temperature, path=kd_path, chunk_size=kd_chunk_size,
-                         memory_budget=kd_memory_budget, max_skipped_frac=kd_max_skipped_frac,
-                         skipped_window=kd_skipped_window, topk=kd_topk,
+                         keep_activations=kd_keep_activations, memory_budget=kd_memory_budget,
+                         max_skipped_frac=kd_max_skipped_frac, skipped_window=kd_skipped_window, topk=kd_topk,
                          iterations=1, rank_weight=0.0)
         self.require_flag(
             kd_target == "full" or kd_temperature == 1,
