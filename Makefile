@@ -13,7 +13,10 @@ STAMP := $(VENV)/.installed
 PROFILE ?= default
 DEMO_OUT ?= demo-out$(if $(filter-out default,$(PROFILE)),-$(PROFILE))
 
-.PHONY: install test bench demo clean
+# `make seeds`: the demo's students over SEEDS seeds, two runs at a time (about an hour on 2 CPU cores).
+SEEDS ?= 3
+
+.PHONY: install test bench demo seeds clean
 
 install: $(STAMP)
 
@@ -39,6 +42,9 @@ bench: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/demo/run_demo.py --profile $(PROFILE) --out $(DEMO_OUT)
+
+seeds: $(STAMP)
+	$(BIN)/python examples/demo/compare_seeds.py --seeds $(SEEDS) --out seeds-out
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -47,6 +47,16 @@ def fairseq(tool, *args, **kwargs):
     return run([BIN / tool, *args], **kwargs)
 
 
+def pytest_configure(config):
+    # pytest-xdist's workers already keep every core busy: a second thread in a worker (torch's, or that of a
+    # command it starts) only waits for the other worker, spinning, which on small tensors costs more than the work.
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
 def _pairs(split, count, max_words=25):
     """The first `count` pairs of a split with at most `max_words` words a side."""
     sides = [lzma.open(CORPUS / f"lohelp.{split}.{lang}.xz", "rt", encoding="utf-8").read().splitlines()

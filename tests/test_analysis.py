@@ -1,6 +1,7 @@
 """tiekd-analyze: the counting on hand-built tensors, then the console script on the real teacher and a student."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -30,30 +31,31 @@ STUDENT = lprobs([
 ])
 TARGET = torch.tensor([[0, 2], [0, 1]])
 MASK = TARGET.ne(1)
+COUNTS = ("top1_agree", "gold", "topk_shared", "top1_outside_topk")
+PERCENTS = ("top1_agreement", "gold", "topk_overlap", "top1_outside_topk")
 
 
 def test_position_stats_counts_a_case_computed_by_hand():
     counts = position_stats(TEACHER, [STUDENT, TEACHER], TARGET, MASK, BINS, k=2)
     # Bins [0, .4), [.4, .7), [.7, 1] hold the third, second and first position.
-    assert counts == {
-        "positions": [1, 1, 1],
-        "teacher_gold": [1, 0, 1],
-        "students": [
-            {"top1_agree": [0, 0, 1], "gold": [0, 1, 1], "topk_shared": [0, 2, 1], "top1_outside_topk": [1, 0, 0]},
-            {"top1_agree": [1, 1, 1], "gold": [1, 0, 1], "topk_shared": [2, 2, 2], "top1_outside_topk": [0, 0, 0]},
-        ],
-    }
+    assert counts["positions"] == [1, 1, 1] and counts["teacher_gold"] == [1, 0, 1]
+    assert [{key: s[key] for key in COUNTS} for s in counts["students"]] == [
+        {"top1_agree": [0, 0, 1], "gold": [0, 1, 1], "topk_shared": [0, 2, 1], "top1_outside_topk": [1, 0, 0]},
+        {"top1_agree": [1, 1, 1], "gold": [1, 0, 1], "topk_shared": [2, 2, 2], "top1_outside_topk": [0, 0, 0]},
+    ]
     rows = summarize(counts, BINS, 2, ["s", "self"])
     assert [r["teacher_confidence"] for r in rows] == ["all", "[0, 0.4)", "[0.4, 0.7)", "[0.7, 1]"]
     assert rows[0]["positions"] == 3 and rows[0]["teacher_gold"] == pytest.approx(200 / 3, abs=1e-3)
-    assert rows[0]["students"]["s"] == pytest.approx(
+    assert {key: rows[0]["students"]["s"][key] for key in PERCENTS} == pytest.approx(
         {"top1_agreement": 100 / 3, "gold": 200 / 3, "topk_overlap": 50.0, "top1_outside_topk": 100 / 3}, abs=1e-3
     )
     assert rows[0]["students"]["self"] == {
-        "top1_agreement": 100.0, "gold": rows[0]["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0
+        "top1_agreement": 100.0, "gold": rows[0]["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0,
+        "entropy": rows[0]["teacher_entropy"], "max_prob": rows[0]["teacher_max_prob"],
     }
-    assert rows[2]["students"]["s"] == {"top1_agreement": 0.0, "gold": 100.0, "topk_overlap": 100.0,
-                                        "top1_outside_topk": 0.0}
+    assert {key: rows[2]["students"]["s"][key] for key in PERCENTS} == {
+        "top1_agreement": 0.0, "gold": 100.0, "topk_overlap": 100.0, "top1_outside_topk": 0.0
+    }
 
 
 def test_bin_edges_and_empty_bins():
@@ -64,13 +66,74 @@ def test_bin_edges_and_empty_bins():
     assert counts["positions"] == [0, 2]
     rows = summarize(counts, (0, 0.5, 1), 1, [])
     assert rows[1]["positions"] == 0 and rows[1]["teacher_gold"] is None
+    assert rows[1]["teacher_entropy"] is None and rows[1]["teacher_max_prob"] is None
+    # The one-hot row has entropy 0; the other 0.5 ln 2 + 2 * 0.25 ln 4 = 1.5 ln 2.
+    assert rows[2]["teacher_entropy"] == pytest.approx(0.75 * math.log(2), abs=1e-4)
+    assert rows[2]["teacher_max_prob"] == 0.75
+
+
+# Two sentences of three positions, the third of the first masked out; zeros make -inf log-probabilities.
+# The teacher's top-1 probabilities put position (0, 0) and (1, 0) in bin [.7, 1], (0, 1) and (1, 1) in
+# [.4, .7), (1, 2) in [0, .4). The masked position would pull the means of [.7, 1] if it counted.
+TEACHER_PROBS = [
+    [[0.8, 0.2, 0.0, 0.0], [0.5, 0.3, 0.2, 0.0], [0.97, 0.01, 0.01, 0.01]],
+    [[0.9, 0.1, 0.0, 0.0], [0.6, 0.2, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2]],
+]
+STUDENT_PROBS = [
+    [[0.1, 0.0, 0.6, 0.3], [0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]],
+    [[0.4, 0.4, 0.2, 0.0], [0.7, 0.1, 0.1, 0.1], [0.5, 0.5, 0.0, 0.0]],
+]
+MASKED = torch.tensor([[True, True, False], [True, True, True]])
+
+
+def plain_means(teacher_probs, student_probs):
+    """Over the kept positions, then those of each bin: mean entropy and top-1 p of the teacher, then the student."""
+    groups = [[] for _ in BINS]  # "all", then one per bin
+    for sentences in zip(teacher_probs, student_probs, MASKED.tolist()):
+        for teacher_row, student_row, kept in zip(*sentences):
+            if kept:
+                # The bin is the number of inner edges at or below the teacher's top-1 p.
+                index = 1 + sum(max(teacher_row) >= edge for edge in BINS[1:-1])
+                for group in (groups[0], groups[index]):
+                    group.append((teacher_row, student_row))
+    means = []
+    for group in groups:
+        for side in range(2):
+            rows = [pair[side] for pair in group]
+            means.append(sum(-sum(p * math.log(p) for p in row if p > 0) for row in rows) / len(rows))
+            means.append(sum(max(row) for row in rows) / len(rows))
+    return means
+
+
+def mean_columns(rows):
+    """The teacher's entropy and top-1 p, then student s's, for every row of ``summarize``, in one list."""
+    return [value for r in rows for value in (r["teacher_entropy"], r["teacher_max_prob"],
+                                              r["students"]["s"]["entropy"], r["students"]["s"]["max_prob"])]
+
+
+def test_entropy_and_max_prob_per_bin_match_a_plain_computation():
+    target = torch.zeros(2, 3, dtype=torch.long)
+    counts = position_stats(lprobs(TEACHER_PROBS), [lprobs(STUDENT_PROBS)], target, MASKED, BINS, k=2)
+    rows = summarize(counts, BINS, 2, ["s"])
+    assert [r["positions"] for r in rows] == [5, 1, 2, 2]
+    assert mean_columns(rows) == pytest.approx(plain_means(TEACHER_PROBS, STUDENT_PROBS), abs=1e-4)
 
 
 def test_counts_of_batches_add_up_to_the_counts_of_the_whole():
-    whole = position_stats(TEACHER, [STUDENT], TARGET, MASK, BINS, k=3)
-    parts = [position_stats(TEACHER[i:i + 1], [STUDENT[i:i + 1]], TARGET[i:i + 1], MASK[i:i + 1], BINS, k=3)
-             for i in range(2)]
-    assert add_counts(*parts) == whole
+    teacher, student = lprobs(TEACHER_PROBS), lprobs(STUDENT_PROBS)
+    target = torch.tensor([[0, 1, 2], [2, 0, 1]])
+
+    def stats(sentences):
+        return position_stats(teacher[sentences], [student[sentences]], target[sentences], MASKED[sentences],
+                              BINS, k=3)
+
+    # Bins [.4, .7) and [.7, 1] hold a position of each sentence: their sums are made of both batches.
+    whole, summed = stats(slice(0, 2)), add_counts(stats(slice(0, 1)), stats(slice(1, 2)))
+    assert [summed[key] for key in ("positions", "teacher_gold")] == [whole["positions"], whole["teacher_gold"]]
+    assert [summed["students"][0][key] for key in COUNTS] == [whole["students"][0][key] for key in COUNTS]
+    assert mean_columns(summarize(summed, BINS, 3, ["s"])) == pytest.approx(
+        mean_columns(summarize(whole, BINS, 3, ["s"])), abs=1e-4
+    )
 
 
 @pytest.fixture(scope="module")
@@ -95,9 +158,14 @@ def test_teacher_against_itself_agrees_everywhere(analysis):
     for row in report["results"]:
         if row["positions"]:
             assert row["students"]["self"] == {
-                "top1_agreement": 100.0, "gold": row["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0
+                "top1_agreement": 100.0, "gold": row["teacher_gold"], "topk_overlap": 100.0, "top1_outside_topk": 0.0,
+                "entropy": row["teacher_entropy"], "max_prob": row["teacher_max_prob"],
             }
     assert 0 < report["results"][0]["teacher_gold"] < 100
+    # A bin's mean top-1 probability lies within its edges.
+    for row, low, high in zip(report["results"][1:], BINS, BINS[1:]):
+        if row["positions"]:
+            assert low <= row["teacher_max_prob"] <= high and row["teacher_entropy"] > 0
 
 
 def test_a_barely_trained_student_disagrees_with_the_teacher(analysis):
@@ -121,7 +189,13 @@ def test_the_table_is_printed_and_written(analysis):
     table = (out / "analysis.md").read_text()
     assert table in proc.stdout
     assert len(table.splitlines()) == 2 + 2 * 4 and "top-5 overlap" in table
-    assert f"| tiny | all | {report['results'][0]['positions']} |" in table
+    assert table.splitlines()[0].endswith("| teacher H | student H | teacher max p | student max p |")
+    everything = report["results"][0]
+    means = [everything["teacher_entropy"], everything["students"]["tiny"]["entropy"],
+             everything["teacher_max_prob"], everything["students"]["tiny"]["max_prob"]]
+    tiny = next(line for line in table.splitlines() if line.startswith("| tiny | all |"))
+    assert tiny.startswith(f"| tiny | all | {everything['positions']} |")
+    assert tiny.endswith(" | ".join(f"{value:.3f}" for value in means) + " |")
     assert sorted(p.name for p in out.iterdir()) == ["analysis.json", "analysis.md"]
 
 

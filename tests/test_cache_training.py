@@ -36,7 +36,9 @@ def first_batch(task):
     return dataset.collater([dataset[i] for i in range(16)])
 
 
-@pytest.mark.parametrize("criterion", [["--criterion", "word_kd"], ["--kd-iterations", "1"]])
+@pytest.mark.parametrize("criterion", [["--criterion", "word_kd"], ["--kd-iterations", "1"],
+                                       ["--kd-iterations", "1", "--rank-space", "logprob", "--rank-margin", "0.6",
+                                        "--rank-weight", "1.7"]])
 def test_a_whole_vocabulary_cache_gives_the_online_loss_without_a_teacher(corpus, teacher, full_cache, criterion):
     flags = ["--train-subset", "valid", *criterion]
     online_task, model, online = build(corpus.data_bin, teacher, *flags)
@@ -48,7 +50,10 @@ def test_a_whole_vocabulary_cache_gives_the_online_loss_without_a_teacher(corpus
     want, _, want_log = online(model, sample)
     got, _, got_log = cached(model, sample)
     assert got.item() == pytest.approx(want.item(), rel=2e-3)
-    assert got_log["kd"].item() == pytest.approx(want_log["kd"].item(), rel=2e-3, abs=1e-3)
+    for key in ("kd", "rank"):
+        if key in want_log:
+            assert got_log[key].item() == pytest.approx(want_log[key].item(), rel=2e-3, abs=1e-3), key
+    assert got_log["entropy"].item() == pytest.approx(want_log["entropy"].item(), rel=1e-5)
     assert torch.equal(got_log["teacher_gold"], want_log["teacher_gold"])
 
 

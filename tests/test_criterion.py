@@ -13,6 +13,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 from tiekd import hierarchical_ranking_loss, kl_divergence
+from tiekd_fairseq.criterions.tie_kd import LOGPROB_MARGIN
 
 from conftest import STUDENT_ARCH, USER_DIR
 
@@ -59,10 +60,11 @@ def test_alpha_zero_equals_label_smoothed_cross_entropy(corpus, teacher, setup):
     assert torch.equal(got, want) and got_size == want_size
 
 
-@pytest.mark.parametrize("path", ["features", "logits"])
-def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(corpus, teacher, path):
+@pytest.mark.parametrize("path,space,margin", [("features", "prob", 0.0), ("logits", "prob", 0.0),
+                                               ("features", "logprob", 0.9), ("logits", "logprob", 0.9)])
+def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(corpus, teacher, path, space, margin):
     task, model, criterion = build(corpus.data_bin, teacher, "--kd-iterations", "3", "--kd-alpha", "0.5",
-                                   "--kd-path", path)
+                                   "--kd-path", path, "--rank-space", space, "--rank-margin", str(margin))
     sample = valid_sample(task)
     teacher = task.teacher.model
     model.train()
@@ -101,7 +103,7 @@ def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(co
     for prefix, student_logits in zip(calls["student_dec"], calls["student_out"]):
         t_logits = teacher.decoder(prefix, encoder_out=enc)[0]
         s_lp, t_lp = F.log_softmax(student_logits.float(), -1), F.log_softmax(t_logits.float(), -1)
-        per_pos = kl_divergence(s_lp, t_lp) + 1.0 * hierarchical_ranking_loss(s_lp.exp(), t_lp.exp(), 5)
+        per_pos = kl_divergence(s_lp, t_lp) + 1.0 * hierarchical_ranking_loss(s_lp.exp(), t_lp.exp(), 5, space, margin)
         kd = kd + per_pos[mask].sum()
     lp0 = F.log_softmax(calls["student_out"][0].float(), -1)
     ce, _ = label_smoothed_nll_loss(lp0.view(-1, lp0.size(-1)), target.view(-1), 0.1, ignore_index=pad)
@@ -109,6 +111,9 @@ def test_loss_is_the_paper_formula_and_later_passes_decode_the_student_argmax(co
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
     assert sample_size == sample["ntokens"] and log["kd_tokens"] == mask.sum()
     assert log["kd"] > 0 and log["rank"] > 0
+    # The student's entropy on pass 1's KD positions, a sum like the counts.
+    p0 = lp0.double().exp()
+    assert float(log["entropy"]) == pytest.approx(-(p0 * p0.log())[mask].sum().item(), rel=1e-5)
 
 
 def _loss_and_gradients(corpus, teacher, sample_of, *flags):
@@ -139,6 +144,9 @@ EQUAL_PATHS = {
                                "--kd-chunk-size", "50"], valid_sample),
     "source-only batch": (["--kd-iterations", "2", "--kd-topk", "4", "--kd-alpha", "0.8", "--rank-weight", "1.5",
                            "--kd-chunk-size", "10", "--mono-prefix", "student"], _mono_sample),
+    "log space, margin 0.7": (["--kd-iterations", "2", "--kd-topk", "4", "--kd-alpha", "0.6", "--rank-weight", "0.3",
+                               "--rank-space", "logprob", "--rank-margin", "0.7", "--kd-chunk-size", "9"],
+                              valid_sample),
 }
 
 
@@ -148,7 +156,8 @@ def test_the_features_path_equals_the_logits_path_in_loss_logs_and_every_gradien
     feats = _loss_and_gradients(corpus, teacher, sample_of, *flags, "--kd-path", "features")
     logits = _loss_and_gradients(corpus, teacher, sample_of, *flags, "--kd-path", "logits")
     assert feats[0].item() == pytest.approx(logits[0].item(), rel=1e-5)
-    for key in ("kd", "rank", "nll_loss", "kd_mono", "rank_mono", "top1_agree", "teacher_gold", "kd_tokens"):
+    for key in ("kd", "rank", "nll_loss", "kd_mono", "rank_mono", "top1_agree", "teacher_gold", "kd_tokens",
+                "entropy"):
         if key in logits[1]:
             assert float(feats[1][key]) == pytest.approx(float(logits[1][key]), rel=1e-5, abs=1e-6), key
     assert feats[2].keys() == logits[2].keys()
@@ -235,6 +244,7 @@ def test_teacher_follows_the_student_precision(setup, dtype):
     ("--kd-topk", "0", "--kd-topk must be >= 1"),
     ("--kd-max-skipped-frac", "1.5", "--kd-max-skipped-frac must be in [0, 1]"),
     ("--kd-skipped-window", "0", "--kd-skipped-window must be >= 1"),
+    ("--rank-margin", "-0.5", "--rank-margin must be >= 0"),
 ])
 def test_bad_criterion_flags_are_one_clear_line(corpus, teacher, flag, value, message):
     with pytest.raises(SystemExit, match=message.replace("[", r"\[").replace("]", r"\]")):
@@ -306,3 +316,10 @@ def test_no_tensor_of_all_positions_by_the_vocabulary_on_the_features_path(corpu
         assert LargestOutput.largest <= chunk
     else:
         assert LargestOutput.largest >= positions
+
+
+def test_without_rank_margin_the_paper_has_none_and_log_space_the_one_chosen_on_valid(corpus, teacher):
+    for space, margin in (("prob", 0.0), ("logprob", LOGPROB_MARGIN)):
+        _, _, criterion = build(corpus.data_bin, teacher, "--rank-space", space)
+        assert (criterion.rank_space, criterion.rank_margin) == (space, margin)
+    assert LOGPROB_MARGIN > 0  # a flat student must not satisfy the log-space default

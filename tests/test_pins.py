@@ -16,6 +16,8 @@ from fairseq.sequence_generator import SequenceGenerator
 from test_criterion import build, valid_sample
 from test_mono import binarize_mono, first_batch
 
+from tiekd_fairseq.criterions.tie_kd import LOGPROB_MARGIN
+
 EPS = 0.1  # the label smoothing build() sets
 
 
@@ -26,17 +28,23 @@ class Knobs:
     k: int = 3
     tau: float = 2.0
     passes: int = 2
+    space: str = "prob"  # what the ranking hinges compare: probabilities, or log-probabilities
+    margin: float = 0.0
     # Ways to misplace a knob, for the tests that show each mistake would be caught.
     kl_scaled_by_tau_squared: bool = True
     ranking_at_tau: bool = False
     mean_over_passes: bool = True
+    log_levels_averaged: bool = True  # in log space, each ranking level the mean of its hinges
 
     def flags(self):
         return ["--kd-alpha", str(self.alpha), "--rank-weight", str(self.rank_weight), "--kd-topk", str(self.k),
-                "--kd-temperature", str(self.tau), "--kd-iterations", str(self.passes)]
+                "--kd-temperature", str(self.tau), "--kd-iterations", str(self.passes), "--rank-space", self.space,
+                "--rank-margin", str(self.margin)]
 
 
 PINNED = Knobs()
+# The ranking loss in log space, at a margin away from the default and from 0.
+PINNED_LOG = replace(PINNED, space="logprob", margin=0.8)
 
 
 def label_smoothed_ce(lprobs, target, pad):
@@ -48,12 +56,19 @@ def label_smoothed_ce(lprobs, target, pad):
     return (((1 - EPS - eps_i) * nll + eps_i * smooth) * target.ne(pad)).sum().item()
 
 
-def ranking(p, q, k):
-    """R_top1 + R_topk of one position from its probability lists p (student) and q (teacher)."""
+def ranking(p, q, k, space, margin, averaged=True):
+    """R_top1 + R_topk of one position from its probability lists p (student) and q (teacher).
+
+    The hinges compare p, or log p in log space, with ``margin`` added; in log space each level is the mean of
+    its hinges.
+    """
+    x = p if space == "prob" else [math.log(v) for v in p]
     a = sorted(range(len(q)), key=lambda v: -q[v])[:k]
     b = sorted(range(len(p)), key=lambda v: -p[v])[:k]
-    top1 = sum(max(0.0, p[a_i] - p[a[0]]) for a_i in a[1:])
-    topk = sum(max(0.0, p[b_j] - p[a_i]) for a_i in a for b_j in b if q[a_i] > q[b_j])
+    top1 = sum(max(0.0, x[a_i] - x[a[0]] + margin) for a_i in a[1:])
+    topk = sum(max(0.0, x[b_j] - x[a_i] + margin) for a_i in a for b_j in b if q[a_i] > q[b_j])
+    if space == "logprob" and averaged:
+        return top1 / max(k - 1, 1) + topk / k**2
     return top1 + topk
 
 
@@ -68,7 +83,8 @@ def kd_sum(student_logits, teacher_logits, mask, knobs):
     p, q = torch.softmax(s / rank_tau, -1), torch.softmax(t / rank_tau, -1)
     total = 0.0
     for row, position in mask.nonzero().tolist():
-        rank = ranking(p[row, position].tolist(), q[row, position].tolist(), knobs.k)
+        rank = ranking(p[row, position].tolist(), q[row, position].tolist(), knobs.k, knobs.space, knobs.margin,
+                       knobs.log_levels_averaged)
         total += kl[row, position].item() + knobs.rank_weight * rank
     return total
 
@@ -162,6 +178,27 @@ def test_each_knob_is_used_where_the_formula_puts_it(pinned, mistake):
     wrong = reference_parallel_loss(model, task.teacher.model, sample, MISTAKES[mistake], task.tgt_dict.pad())
     assert not math.isclose(expected, wrong, rel_tol=1e-3), f"the pinned loss cannot tell '{mistake}' apart"
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+LOG_MISTAKES = {
+    "margin ignored": replace(PINNED_LOG, margin=0.0),
+    "the default margin instead of --rank-margin": replace(PINNED_LOG, margin=LOGPROB_MARGIN),
+    "probabilities compared, not log-probabilities": replace(PINNED_LOG, space="prob"),
+    "log-space hinges summed, not averaged": replace(PINNED_LOG, log_levels_averaged=False),
+}
+
+
+def test_tie_kd_loss_with_the_ranking_loss_in_log_space_is_the_formula_and_each_knob_shows(corpus, teacher):
+    task, model, criterion = build(corpus.data_bin, teacher, *PINNED_LOG.flags())
+    sample = valid_sample(task)
+    model.train()
+    loss, _, _ = criterion(model, sample)
+    pad = task.tgt_dict.pad()
+    expected = reference_parallel_loss(model, task.teacher.model, sample, PINNED_LOG, pad)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    for mistake, knobs in LOG_MISTAKES.items():
+        wrong = reference_parallel_loss(model, task.teacher.model, sample, knobs, pad)
+        assert not math.isclose(expected, wrong, rel_tol=1e-3), f"the pinned loss cannot tell '{mistake}' apart"
 
 
 @pytest.fixture(scope="module")

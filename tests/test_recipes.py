@@ -296,7 +296,7 @@ def test_average_stops_at_the_upper_bound(tmp_path):
     for update in (10, 20, 30, 40, 50):
         fake_checkpoint(tmp_path / f"checkpoint_1_{update}.pt", update)
     tools().average(tmp_path, 2, 40, tmp_path / "average.pt")
-    averaged = torch.load(tmp_path / "average.pt", weights_only=False)["model"]["weight"]
+    averaged = torch.load(tmp_path / "average.pt", weights_only=True)["model"]["weight"]
     assert averaged.tolist() == [35.0, 35.0]
     with pytest.raises(ValueError, match="holds 1 checkpoint_<epoch>_<update>.pt files up to update 10"):
         tools().average(tmp_path, 2, 10, tmp_path / "average.pt")
@@ -317,7 +317,7 @@ def test_truncated_checkpoint_last_is_replaced_before_training(en_de_copy):
     log = (en_de_copy / "logs" / "teacher.log").read_text()
     assert f"{teacher / 'checkpoint_last.pt'}: replaced by checkpoint_1_40.pt, the newest intact checkpoint" in log
     assert "(epoch 1 @ 40 updates)" in log and "num_updates 60" in log
-    assert torch.load(teacher / "checkpoint_1_60.pt", weights_only=False)["optimizer_history"][-1]["num_updates"] == 60
+    assert torch.load(teacher / "checkpoint_1_60.pt", weights_only=True)["optimizer_history"][-1]["num_updates"] == 60
 
 
 def test_redoing_a_step_redoes_what_depends_on_it(en_de_copy):

@@ -13,7 +13,7 @@ from tiekd_cli.seqkd import build_seqkd_data
 from tiekd_cli.shell import UsageError
 from tiekd_fairseq.errors import InputError
 
-from conftest import COMMON, STUDENT_ARCH, USER_DIR, fairseq, run
+from conftest import COMMON, STUDENT_ARCH, USER_DIR, built_once, fairseq, run
 
 SEQKD = Path(sys.executable).parent / "tiekd-seqkd"
 
@@ -24,11 +24,15 @@ def seqkd_args(corpus, teacher, out):
             "--beam", "2", "--shards", "2", "--cpu"]
 
 
+def seqkd_output(corpus, teacher, tmp_path_factory):
+    """tiekd-seqkd's output with ``seqkd_args``, made once per test run (robustness/test_processes.py compares
+    a killed and resumed run with it)."""
+    return built_once(tmp_path_factory, "seqkd", lambda out: run([SEQKD, *seqkd_args(corpus, teacher, out)]))
+
+
 @pytest.fixture(scope="module")
 def seqkd(corpus, teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("seqkd")
-    run([SEQKD, *seqkd_args(corpus, teacher, out)])
-    return out
+    return seqkd_output(corpus, teacher, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

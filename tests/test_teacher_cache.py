@@ -20,7 +20,7 @@ from tiekd_fairseq.data.teacher_cache import TeacherCache, TeacherCacheError
 from tiekd_fairseq.errors import InputError
 from tiekd_fairseq.frozen_model import load_frozen_model
 
-from conftest import data_bin_with_swapped_symbols, run
+from conftest import built_once, data_bin_with_swapped_symbols, run
 
 CACHE_TOOL = Path(sys.executable).parent / "tiekd-cache-teacher"
 K = 8
@@ -32,11 +32,19 @@ def cache_args(corpus, teacher, out):
             "--out", out, "--shard-size", 80, "--max-tokens", 1024, "--cpu"]
 
 
+def cache_output(corpus, teacher, tmp_path_factory):
+    """tiekd-cache-teacher's cache with ``cache_args`` (``out``) and what it printed (``stdout``), made once per
+    test run (robustness/test_processes.py compares a killed and resumed run with it)."""
+    def build(folder):
+        (folder / "stdout.txt").write_text(run([CACHE_TOOL, *cache_args(corpus, teacher, folder / "valid")]).stdout)
+
+    folder = built_once(tmp_path_factory, "cache", build)
+    return SimpleNamespace(out=folder / "valid", stdout=(folder / "stdout.txt").read_text())
+
+
 @pytest.fixture(scope="module")
 def cache(corpus, teacher, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cache") / "valid"
-    proc = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
-    return SimpleNamespace(out=out, stdout=proc.stdout)
+    return cache_output(corpus, teacher, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

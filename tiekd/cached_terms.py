@@ -13,7 +13,7 @@ TAIL_CANCELS = 1e-2
 
 def cached_kd_terms(student_logits: torch.Tensor, teacher_ids: torch.Tensor, teacher_lprobs: torch.Tensor,
                     teacher_tail_logmass: torch.Tensor, k: int, with_rank: bool = True, normalized: bool = False,
-                    max_rows=None):
+                    max_rows=None, rank_space: str = "prob", rank_margin: float = 0.0):
     """Per-position ``(kl, rank)`` against the cached teacher: the bucketed KL and the exact ranking loss.
 
     The KL merges everything outside the K cached tokens into one bucket, a lower
@@ -30,6 +30,7 @@ def cached_kd_terms(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
         with_rank: False skips the ranking loss (returned as zeros).
         normalized: ``student_logits`` already are log-probabilities (the CE's, shared with its backward).
         max_rows: positions per chunk where the student's tail mass is recomputed (None: all).
+        rank_space, rank_margin: the ranking loss's space (``tiekd.RANK_SPACES``) and hinge margin.
 
     Returns:
         (kl, rank), each (...) in the compute dtype.
@@ -58,7 +59,8 @@ def cached_kd_terms(student_logits: torch.Tensor, teacher_ids: torch.Tensor, tea
         return kl.view(shape), torch.zeros_like(kl).view(shape)
     q_b = torch.where(b.unsqueeze(-1) == ids.unsqueeze(-2), q.unsqueeze(-2), zero).amax(dim=-1)
     # No teacher mass, no ranking (padding repeats one id).
-    rank = torch.where(q[:, 0] != 0, ranking_from_topk(lp_ids[:, :k].exp(), lp_b.exp(), q[:, :k], q_b), zero)
+    rank = ranking_from_topk(lp_ids[:, :k], lp_b, q[:, :k], q_b, rank_space, rank_margin)
+    rank = torch.where(q[:, 0] != 0, rank, zero)
     return kl.view(shape), rank.view(shape)
 
 

@@ -24,6 +24,7 @@ class PassStats(NamedTuple):
     rank: torch.Tensor
     top1_agree: torch.Tensor  # positions where the student's top-1 is the teacher's
     teacher_gold: torch.Tensor  # positions where the teacher's top-1 is the gold token
+    entropy: torch.Tensor  # the student's entropy (nats), at the positions with a teacher
     nonfinite: int  # positions, padding included, whose KD terms are not finite
     predictions: torch.Tensor  # (B, T) the student's argmax (runner-up where it is pad)
 
@@ -41,18 +42,20 @@ class FeatureLoss:
         kd_weight: each pass's KD weight (alpha / N).
         label_smoothing: epsilon of fairseq's label-smoothed CE.
         k, temperature, rank_weight: the ranking loss's k, the KL's tau, lambda (0: no ranking loss).
+        rank_space, rank_margin: the ranking loss's space (``tiekd.RANK_SPACES``) and hinge margin.
         pad: the padding index (never predicted for the next prefix).
         max_rows: positions per chunk.
     """
 
     def __init__(self, weight, *, ce_weight, kd_weight, label_smoothing, k, temperature, rank_weight, pad,
-                 max_rows):
+                 max_rows, rank_space="prob", rank_margin=0.0):
         vocab = weight.size(0)
         if rank_weight and not 1 <= k <= vocab:
             raise ValueError(f"k must be in 1..{vocab} (the vocabulary), got {k}")
         self.weight, self.pad, self.max_rows = weight, pad, max_rows
         self.ce_weight, self.kd_weight, self.rank_weight = ce_weight, kd_weight, rank_weight
         self.eps, self.k, self.tau = label_smoothing, k, float(temperature)
+        self.rank_space, self.rank_margin = rank_space, float(rank_margin)
         self.dtype = compute_dtype(weight)
         self.w = weight.detach().to(self.dtype)
         self.grad_weight = torch.zeros_like(self.w)
@@ -76,7 +79,7 @@ class FeatureLoss:
             tf, tw = teacher_features.detach().reshape(-1, teacher_features.size(-1)), teacher_weight.detach()
         target, mask = target.reshape(-1), mask.reshape(-1)
         grad = torch.zeros(f.shape, dtype=self.dtype, device=f.device)
-        sums = torch.zeros(6, dtype=self.dtype, device=f.device)  # ce, nll, kl, rank, top1_agree, teacher_gold
+        sums = torch.zeros(7, dtype=self.dtype, device=f.device)  # ce, nll, kl, rank, top1_agree, teacher_gold, entropy
         predictions = torch.empty_like(target)
         nonfinite = 0
         for r in row_chunks(f.size(0), self.max_rows):
@@ -100,7 +103,7 @@ class FeatureLoss:
         Args:
             s, t: (c, V) student and teacher logits in the compute dtype (t None: CE alone).
             target, m: (c) gold ids and the positions that count (0/1 in the compute dtype).
-            sums: (6) ce, nll, kl, rank, top1_agree, teacher_gold, added to.
+            sums: (7) ce, nll, kl, rank, top1_agree, teacher_gold, entropy, added to.
             with_ce: whether the CE is part of this pass; kd_grad: whether the KD terms may add to the gradient
                 (not once the KD part is dropped, nor where they are not finite).
 
@@ -137,28 +140,30 @@ class FeatureLoss:
             if with_rank:
                 b = b[:, : self.k]
                 with torch.enable_grad():
-                    p_a = (s.gather(-1, a) - lse_s).exp().requires_grad_()
-                    p_b = (s_top[:, : self.k] - lse_s).exp().requires_grad_()
-                    rank = ranking_from_topk(p_a, p_b, (t_top - lse_t).exp(), (t.gather(-1, b) - lse_t).exp())
-                    # dR/dp at the gathered ids; dR/ds_v = sum_i g_i p_i (delta_iv - p_v).
-                    grad_p_a, grad_p_b = torch.autograd.grad(rank.sum(), (p_a, p_b))
+                    s_a, s_b = s.gather(-1, a).requires_grad_(), s_top[:, : self.k].requires_grad_()
+                    rank = ranking_from_topk(s_a - lse_s, s_b - lse_s, (t_top - lse_t).exp(),
+                                             (t.gather(-1, b) - lse_t).exp(), self.rank_space, self.rank_margin)
+                    # g = dR/ds at the gathered ids, logsumexp held fixed; dR/ds_v = sum_i g_i (delta_iv - p_v).
+                    grad_s_a, grad_s_b = torch.autograd.grad(rank.sum(), (s_a, s_b), materialize_grads=True)
                 rank = rank.detach()
             nonfinite = int((~torch.isfinite(kl + rank)).sum())
             teacher_top1 = a[:, 0]
             agrees = s.gather(-1, teacher_top1.unsqueeze(-1)).squeeze(-1) >= s_top[:, 0]
+            # H(p) = logsumexp(s) - sum_v p_v s_v, while p is still the softmax.
+            entropy = lse_s.squeeze(-1) - torch.einsum("cv,cv->c", p, s)
             sums[2:] += torch.stack([(kl * m.squeeze(-1)).sum(), (rank * m.squeeze(-1)).sum(),
-                                     (agrees * m.squeeze(-1)).sum(), (teacher_top1.eq(target) * m.squeeze(-1)).sum()])
+                                     (agrees * m.squeeze(-1)).sum(), (teacher_top1.eq(target) * m.squeeze(-1)).sum(),
+                                     (entropy * m.squeeze(-1)).sum()])
             if kd_grad and not nonfinite:
                 w_kd = self.kd_weight * m
         if w_ce is None and w_kd is None:
             return None, nonfinite, predictions
         # g = w_ce (p - eps_i - (1 - eps - eps_i) onehot(y)) + w_kd tau (p_tau - q_tau)
-        #     + w_kd lambda (scatter(a, g_a p_a) + scatter(b, g_b p_b) - p sum(g p)), built in place.
+        #     + w_kd lambda (scatter(a, g_a) + scatter(b, g_b) - p sum(g)), built in place.
         coef_p = torch.zeros_like(lse_s) if w_ce is None else w_ce.clone()
         rank_parts = None
         if w_kd is not None and with_rank:
-            rank_parts = (w_kd * self.rank_weight * grad_p_a * p_a.detach(),
-                          w_kd * self.rank_weight * grad_p_b * p_b.detach())
+            rank_parts = (w_kd * self.rank_weight * grad_s_a, w_kd * self.rank_weight * grad_s_b)
             coef_p -= rank_parts[0].sum(-1, keepdim=True) + rank_parts[1].sum(-1, keepdim=True)
         if w_kd is not None and tau == 1:
             coef_p += w_kd
@@ -184,7 +189,7 @@ class FeatureLoss:
             return
         f = features.detach().reshape(-1, features.size(-1))
         target, mask = target.reshape(-1), mask.reshape(-1)
-        scratch = torch.zeros(6, dtype=self.dtype, device=f.device)
+        scratch = torch.zeros(7, dtype=self.dtype, device=f.device)
         for r in row_chunks(f.size(0), self.max_rows):
             s = f[r].to(self.dtype) @ self.w.T
             g, _, _ = self._chunk(s, None, target[r], mask[r].to(self.dtype), scratch, True, False)

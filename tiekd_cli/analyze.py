@@ -2,13 +2,15 @@
 
 Over the non-padding target positions of a subset, every model decodes the gold
 prefix; the tool counts top-1 agreement with the teacher, top-1 = gold for the
-teacher and each student, and top-k overlap, overall and by the teacher's top-1
-probability. ``position_stats`` and ``summarize`` are pure torch/Python: counts
-from batches add up exactly, and percentages are taken once, at the end.
+teacher and each student, and top-k overlap, and averages each model's entropy and
+top-1 probability, overall and by the teacher's top-1 probability. ``position_stats``
+and ``summarize`` are pure torch/Python: counts from batches add up exactly, float64
+sums up to rounding, and percentages and means are taken once, at the end.
 """
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -25,29 +27,32 @@ DEFAULT_BINS = (0.0, 0.4, 0.7, 1.0)
 
 
 def position_stats(teacher_lprobs, student_lprobs_list, target, mask, bins, k):
-    """Counts over the positions where ``mask`` is true, per teacher-confidence bin.
+    """Counts and sums over the positions where ``mask`` is true, per teacher-confidence bin.
 
     ``teacher_lprobs`` and each student's are (..., V) log-probabilities over the
     same positions as ``target`` and ``mask`` (...). Bin i holds the positions whose
     teacher top-1 probability is in [bins[i], bins[i+1]); the last bin includes
-    bins[-1]. Every value is a list of ints, one per bin (see ``add_counts``).
+    bins[-1]. Every value is a list, one per bin (see ``add_counts``): ints for the
+    counts, float64 sums for the entropies (nats) and top-1 probabilities.
     """
     teacher = teacher_lprobs[mask]
     gold = target[mask]
     # Every top-1 is the first of a top-k, so ties break the same way for all models.
     top_lprobs, teacher_topk = teacher.topk(k, dim=-1)
     teacher_top1 = teacher_topk[:, 0]
+    teacher_max_prob = top_lprobs[:, 0].double().exp()
     # right=True puts a probability equal to an inner edge in the bin that starts there.
     inner_edges = torch.tensor(bins[1:-1], dtype=torch.float64, device=teacher.device)
-    bin_index = torch.bucketize(top_lprobs[:, 0].double().exp(), inner_edges, right=True)
+    bin_index = torch.bucketize(teacher_max_prob, inner_edges, right=True)
 
-    def per_bin(values):
-        totals = torch.zeros(len(bins) - 1, dtype=torch.long, device=teacher.device)
-        return totals.index_add_(0, bin_index, values.long()).tolist()
+    def per_bin(values, dtype=torch.long):
+        totals = torch.zeros(len(bins) - 1, dtype=dtype, device=teacher.device)
+        return totals.index_add_(0, bin_index, values.to(dtype)).tolist()
 
     students = []
     for student_lprobs in student_lprobs_list:
-        student_topk = student_lprobs[mask].topk(k, dim=-1).indices
+        student = student_lprobs[mask]
+        student_top_lprobs, student_topk = student.topk(k, dim=-1)
         # Top-k ids are distinct within a row, so this counts the intersection.
         shared = teacher_topk.unsqueeze(-1).eq(student_topk.unsqueeze(-2)).any(dim=-1).sum(dim=-1)
         students.append({
@@ -55,12 +60,23 @@ def position_stats(teacher_lprobs, student_lprobs_list, target, mask, bins, k):
             "gold": per_bin(student_topk[:, 0].eq(gold)),
             "topk_shared": per_bin(shared),
             "top1_outside_topk": per_bin(~student_topk.eq(teacher_top1.unsqueeze(-1)).any(dim=-1)),
+            "entropy": per_bin(entropy(student), torch.float64),
+            "max_prob": per_bin(student_top_lprobs[:, 0].double().exp(), torch.float64),
         })
     return {
         "positions": per_bin(torch.ones_like(gold)),
         "teacher_gold": per_bin(teacher_top1.eq(gold)),
+        "teacher_entropy": per_bin(entropy(teacher), torch.float64),
+        "teacher_max_prob": per_bin(teacher_max_prob, torch.float64),
         "students": students,
     }
+
+
+def entropy(lprobs):
+    """The entropy in nats of each row of (N, V) log-probabilities, computed in float64: (N,)."""
+    lprobs = lprobs.double()
+    # A token of probability 0 has log-probability -inf: its term is 0, not 0 * -inf = NaN.
+    return -torch.where(lprobs > -math.inf, lprobs.exp() * lprobs, 0).sum(dim=-1)
 
 
 def add_counts(a, b):
@@ -73,7 +89,7 @@ def add_counts(a, b):
 
 
 def summarize(counts, bins, k, names):
-    """Percentages for all positions, then for each bin; None where a bin holds no position."""
+    """Percentages and means for all positions, then for each bin; None where a bin holds no position."""
 
     def row(label, select):
         positions = select(counts["positions"])
@@ -81,16 +97,23 @@ def summarize(counts, bins, k, names):
         def percent(part, whole=positions):
             return round(100 * part / whole, 4) if whole else None
 
+        def mean(total):
+            return round(total / positions, 4) if positions else None
+
         return {
             "teacher_confidence": label,
             "positions": positions,
             "teacher_gold": percent(select(counts["teacher_gold"])),
+            "teacher_entropy": mean(select(counts["teacher_entropy"])),
+            "teacher_max_prob": mean(select(counts["teacher_max_prob"])),
             "students": {
                 name: {
                     "top1_agreement": percent(select(s["top1_agree"])),
                     "gold": percent(select(s["gold"])),
                     "topk_overlap": percent(select(s["topk_shared"]), positions * k),
                     "top1_outside_topk": percent(select(s["top1_outside_topk"])),
+                    "entropy": mean(select(s["entropy"])),
+                    "max_prob": mean(select(s["max_prob"])),
                 }
                 for name, s in zip(names, counts["students"])
             },
@@ -107,17 +130,20 @@ def bin_label(bins, i):
 
 
 def markdown_table(rows, k):
-    """One line per student and confidence row; percentages of that row's positions."""
+    """One line per student and confidence row: percentages of that row's positions, then mean entropies and top-1 p."""
     lines = [
         f"| student | teacher top-1 p | positions | teacher = gold % | student = gold % | top-1 agreement % "
-        f"| top-{k} overlap % | teacher top-1 outside student top-{k} % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| top-{k} overlap % | teacher top-1 outside student top-{k} % "
+        "| teacher H | student H | teacher max p | student max p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name in rows[0]["students"]:
         for r in rows:
             s = r["students"][name]
-            cells = [r["teacher_gold"], s["gold"], s["top1_agreement"], s["topk_overlap"], s["top1_outside_topk"]]
-            numbers = " | ".join("-" if v is None else f"{v:.2f}" for v in cells)
+            percents = [r["teacher_gold"], s["gold"], s["top1_agreement"], s["topk_overlap"], s["top1_outside_topk"]]
+            means = [r["teacher_entropy"], s["entropy"], r["teacher_max_prob"], s["max_prob"]]
+            numbers = " | ".join(["-" if v is None else f"{v:.2f}" for v in percents]
+                                 + ["-" if v is None else f"{v:.3f}" for v in means])
             lines.append(f"| {name} | {r['teacher_confidence']} | {r['positions']} | {numbers} |")
     return "\n".join(lines) + "\n"
 
@@ -194,7 +220,8 @@ def _main(argv):
     parser = argparse.ArgumentParser(
         prog="tiekd-analyze",
         description="Top-1 agreement, gold overlap and top-k overlap of students with a teacher, "
-        "by teacher confidence, under teacher forcing on the gold prefix.",
+        "and each model's mean entropy and top-1 probability, by teacher confidence, "
+        "under teacher forcing on the gold prefix.",
     )
     parser.add_argument("--data-bin", required=True, help="fairseq-preprocess output the models were trained on")
     parser.add_argument("--subset", default="valid", help="subset to score (default: valid)")

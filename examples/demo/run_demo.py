@@ -216,8 +216,11 @@ def _updates_done(save_dir):
         return 0
 
 
-def train(data_bin, save_dir, args, updates, desc):
-    """fairseq-train into ``save_dir`` for ``updates`` updates, resuming from its last checkpoint."""
+def train(data_bin, save_dir, args, updates, desc=None, env=None):
+    """fairseq-train into ``save_dir`` for ``updates`` updates, resuming from its last checkpoint.
+
+    ``desc``: the progress bar's label (None: no bar); ``env``: variables for the command's environment.
+    """
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     # fairseq resumed at its --max-update still makes one more update.
@@ -228,7 +231,7 @@ def train(data_bin, save_dir, args, updates, desc):
         "--no-epoch-checkpoints", "--save-interval-updates", max(updates // 4, 5), "--keep-interval-updates", 1,
         "--log-format", "simple", "--log-interval", 10, "--num-workers", 0,
         *(() if torch.cuda.is_available() else ("--cpu",)),
-    ], save_dir / "train.log", progress=(desc, updates))
+    ], save_dir / "train.log", progress=(desc, updates) if desc else None, env=env)
 
 
 def teacher_args():

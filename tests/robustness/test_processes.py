@@ -13,8 +13,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_seqkd import SEQKD, seqkd_args
-from test_teacher_cache import CACHE_TOOL, cache_args
+from test_seqkd import SEQKD, seqkd_args, seqkd_output
+from test_teacher_cache import CACHE_TOOL, cache_args, cache_output
 
 from .helpers import Case, alongside, contents, digest, iterate_options, kill, start, wait_for
 from conftest import run
@@ -153,39 +153,37 @@ def test_a_second_iterate_on_the_same_save_dir_is_refused_while_the_first_runs(c
 
 # tiekd-cache-teacher and tiekd-seqkd, killed in the middle of their second shard.
 
-def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path):
+def test_cache_teacher_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path, tmp_path_factory):
     protected = case("tiekd-cache-teacher SIGKILLed mid-shard, rerun",
                      "the cache: the finished shard untouched by the rerun, all equal to an uninterrupted run's")
-    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    with alongside([CACHE_TOOL, *cache_args(corpus, teacher, reference)]):
-        killed_at("shard-00001", [CACHE_TOOL, *cache_args(corpus, teacher, out)])
-        assert sorted(p.name for p in out.iterdir()) == [".lock", ".shard-00001.partial", "meta.json", "shard-00000"]
-        done = {p: mtime(p) for p in (out / "shard-00000").iterdir()}
-        protected.keep(out / "shard-00000")
+    out = tmp_path / "killed"
+    killed_at("shard-00001", [CACHE_TOOL, *cache_args(corpus, teacher, out)])
+    assert sorted(p.name for p in out.iterdir()) == [".lock", ".shard-00001.partial", "meta.json", "shard-00000"]
+    done = {p: mtime(p) for p in (out / "shard-00000").iterdir()}
+    protected.keep(out / "shard-00000")
 
-        rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
-        assert "3 shards, 1 already cached" in rerun.stderr
+    rerun = run([CACHE_TOOL, *cache_args(corpus, teacher, out)])
+    assert "3 shards, 1 already cached" in rerun.stderr
     assert {p: mtime(p) for p in (out / "shard-00000").iterdir()} == done  # not even rewritten
-    protected.same("the cache", contents(out), contents(reference))
+    protected.same("the cache", contents(out), contents(cache_output(corpus, teacher, tmp_path_factory).out))
     protected.verify()
 
 
-def test_seqkd_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path):
+def test_seqkd_killed_mid_shard_resumes_at_that_shard(case, corpus, teacher, tmp_path, tmp_path_factory):
     protected = case("tiekd-seqkd SIGKILLed mid-shard, rerun",
                      "the outputs: the finished shard untouched by the rerun, all equal to an uninterrupted run's")
-    reference, out = tmp_path / "uninterrupted", tmp_path / "killed"
-    with alongside([SEQKD, *seqkd_args(corpus, teacher, reference)]):
-        proc = start([SEQKD, *seqkd_args(corpus, teacher, out)])
-        # Shard 2's input folder exists while fairseq-generate decodes it.
-        wait_for(proc, lambda: (out / "shards" / ".input-00001").is_dir(), "the second shard started")
-        assert kill(proc) == -signal.SIGKILL
-        first = out / "shards" / "00000.txt"
-        assert first.is_file() and not (out / "shards" / "00001.txt").exists() and not (out / "data-bin").exists()
-        written = mtime(first)
-        protected.keep(first)
+    out = tmp_path / "killed"
+    proc = start([SEQKD, *seqkd_args(corpus, teacher, out)])
+    # Shard 2's input folder exists while fairseq-generate decodes it.
+    wait_for(proc, lambda: (out / "shards" / ".input-00001").is_dir(), "the second shard started")
+    assert kill(proc) == -signal.SIGKILL
+    first = out / "shards" / "00000.txt"
+    assert first.is_file() and not (out / "shards" / "00001.txt").exists() and not (out / "data-bin").exists()
+    written = mtime(first)
+    protected.keep(first)
 
-        rerun = run([SEQKD, *seqkd_args(corpus, teacher, out)])
-        assert "2 shards, 1 already decoded" in rerun.stderr
+    rerun = run([SEQKD, *seqkd_args(corpus, teacher, out)])
+    assert "2 shards, 1 already decoded" in rerun.stderr
     assert mtime(first) == written  # not even rewritten
-    protected.same("the seqkd output", contents(out), contents(reference))
+    protected.same("the seqkd output", contents(out), contents(seqkd_output(corpus, teacher, tmp_path_factory)))
     protected.verify()

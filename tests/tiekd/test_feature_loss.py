@@ -10,7 +10,7 @@ from tiekd import FeatureLoss, hierarchical_ranking_loss, kl_divergence
 
 
 def dense_step_loss(features, weight, teacher_features, teacher_weight, target, mask, *, alpha, eps, k, tau, lam,
-                    with_ce=True, teacher_precision=None):
+                    space="prob", margin=0.0, with_ce=True, teacher_precision=None):
     """(1 - alpha) LS-CE(pass 1) + alpha / N sum_n (tau^2 KL_n + lam Rank_n), from whole logits, by the book.
 
     ``teacher_precision``: the dtype the teacher's logits are rounded to, as a half-precision teacher gives them.
@@ -21,7 +21,8 @@ def dense_step_loss(features, weight, teacher_features, teacher_weight, target, 
         if teacher_precision is not None:
             t = t.to(teacher_precision).to(s.dtype)
         kl = tau**2 * kl_divergence(torch.log_softmax(s / tau, -1), torch.log_softmax(t / tau, -1))
-        rank = hierarchical_ranking_loss(torch.softmax(s, -1), torch.softmax(t, -1), k) if lam else 0 * kl
+        rank = (hierarchical_ranking_loss(torch.softmax(s, -1), torch.softmax(t, -1), k, space, margin) if lam
+                else 0 * kl)
         total = total + alpha / n_passes * ((kl + lam * rank) * mask).sum()
         if n == 0 and with_ce:
             lprobs = torch.log_softmax(s, -1)
@@ -34,9 +35,10 @@ def dense_step_loss(features, weight, teacher_features, teacher_weight, target, 
 
 
 def feature_step_loss(features, weight, teacher_features, teacher_weight, target, mask, *, alpha, eps, k, tau, lam,
-                      chunk, with_ce=True):
+                      chunk, space="prob", margin=0.0, with_ce=True):
     step = FeatureLoss(weight, ce_weight=(1 - alpha) if with_ce else 0.0, kd_weight=alpha / len(features),
-                       label_smoothing=eps, k=k, temperature=tau, rank_weight=lam, pad=1, max_rows=chunk)
+                       label_smoothing=eps, k=k, temperature=tau, rank_weight=lam, pad=1, max_rows=chunk,
+                       rank_space=space, rank_margin=margin)
     stats = [step.add_pass(h, th, teacher_weight, target, mask, with_ce=with_ce and n == 0)
              for n, (h, th) in enumerate(zip(features, teacher_features))]
     value = sum(alpha / len(stats) * (p.kl + lam * p.rank) for p in stats)
@@ -52,7 +54,9 @@ def random_case(seed, dtype=torch.float32):
     vocab = rng.randint(8, 70)
     passes = rng.randint(1, 3)
     settings = dict(alpha=rng.uniform(0.05, 0.95), eps=rng.choice([0.0, 0.1, 0.25]), k=rng.randint(1, 8),
-                    tau=rng.choice([1.0, 0.5, 2.0, 3.0]), lam=rng.choice([0.0, 0.7, 2.5]))
+                    tau=rng.choice([1.0, 0.5, 2.0, 3.0]), lam=rng.choice([0.0, 0.7, 2.5]),
+                    # Odd seeds rank in log space, with a margin that shows.
+                    space=("prob", "logprob")[seed % 2], margin=rng.choice([0.0, 0.3, 1.5]) * (seed % 2))
     chunk = rng.choice([1, 2, 5, 16, None])
     weight = (torch.randn(vocab, width, generator=gen) * 2).to(dtype).requires_grad_()
     teacher_weight = (torch.randn(vocab, teacher_width, generator=gen) * 2).to(dtype)
@@ -69,12 +73,17 @@ def test_value_and_gradients_equal_the_dense_loss(seed):
     features, weight = inputs[0], inputs[1]
     want = dense_step_loss(*inputs, **settings)
     want_grads = torch.autograd.grad(want, [weight, *features])
-    got, _, _ = feature_step_loss(*inputs, **settings, chunk=chunk)
+    got, stats, _ = feature_step_loss(*inputs, **settings, chunk=chunk)
     got_grads = torch.autograd.grad(got, [weight, *features])
     assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-6)
     scale = max(g.abs().max() for g in want_grads)
     for g, w in zip(got_grads, want_grads):
         assert torch.allclose(g, w, rtol=1e-5, atol=1e-5 * scale)
+    mask = inputs[5]
+    for h, pass_stats in zip(features, stats):
+        p = torch.softmax((h @ weight.T).double(), -1)
+        entropy = -(p * p.log()).sum(-1)
+        assert pass_stats.entropy.item() == pytest.approx(entropy[mask].sum().item(), rel=1e-5)
 
 
 def test_float64_agrees_to_rounding_and_chunks_do_not_matter():
@@ -140,8 +149,9 @@ def test_a_non_finite_teacher_leaves_the_ce_of_pass_1_alone(bad_pass):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision_inputs_compute_in_fp32_and_return_their_dtype(dtype):
-    inputs, settings, chunk = random_case(13, dtype)
+@pytest.mark.parametrize("seed", [13, 9])  # 9: the ranking loss in log space, margin 1.5
+def test_half_precision_inputs_compute_in_fp32_and_return_their_dtype(dtype, seed):
+    inputs, settings, chunk = random_case(seed, dtype)
     got, _, _ = feature_step_loss(*inputs, **settings, chunk=chunk)
     grads = torch.autograd.grad(got, [inputs[1], *inputs[0]])
     assert all(g.dtype == dtype for g in grads)

@@ -8,13 +8,38 @@ import torch
 from tiekd import cached_kd_terms, hierarchical_ranking_loss, kl_divergence, partial_kd, tie_kd_terms
 
 
-def literal_ranking(p, q, k):
-    """R_top1 + R_topk for one position, written as the paper's double sum with Python loops."""
+def literal_ranking(p, q, k, log_space=False, margin=0.0):
+    """R_top1 + R_topk for one position, written as the paper's double sum with Python loops.
+
+    ``log_space``: the hinges compare log-probabilities, and each level is the mean of its hinges.
+    """
+    x = [math.log(v) for v in p] if log_space else p
     a = sorted(range(len(q)), key=lambda v: -q[v])[:k]
     b = sorted(range(len(p)), key=lambda v: -p[v])[:k]
-    r_topk = sum(max(0.0, p[bj] - p[ai]) for ai in a for bj in b if q[ai] > q[bj])
-    r_top1 = sum(max(0.0, p[ai] - p[a[0]]) for ai in a[1:])
+    r_topk = sum(max(0.0, x[bj] - x[ai] + margin) for ai in a for bj in b if q[ai] > q[bj])
+    r_top1 = sum(max(0.0, x[ai] - x[a[0]] + margin) for ai in a[1:])
+    if log_space:
+        return r_top1 / max(k - 1, 1) + r_topk / k**2
     return r_top1 + r_topk
+
+
+def literal_log_ranking(logits, q, k, margin):
+    """The log-space ranking loss of one position from its logits, by Python loops, as a differentiable tensor:
+    each level the mean of its hinges, no gradient through the student's top-k."""
+    lp = torch.log_softmax(logits, -1)
+    p = lp.exp().tolist()
+    a = sorted(range(len(q)), key=lambda v: -q[v])[:k]
+    b = sorted(range(len(p)), key=lambda v: -p[v])[:k]
+    total = logits.new_zeros(())
+    for ai in a:
+        for bj in b:
+            if q[ai] > q[bj]:
+                # The student's own top-k are constants: only the teacher's token moves.
+                total = total + (lp[bj].detach() - lp[ai] + margin).clamp(min=0)
+    total = total / k**2
+    for ai in a[1:]:
+        total = total + (lp[ai] - lp[a[0]] + margin).clamp(min=0) / (k - 1)
+    return total
 
 
 def t(values, dtype=torch.float64):
@@ -72,6 +97,74 @@ def test_ranking_equals_the_literal_double_sum(k):
     expected = [literal_ranking(p[i].tolist(), q[i].tolist(), k) for i in range(6)]
     assert got.tolist() == pytest.approx(expected, abs=1e-12)
     assert any(e > 0 for e in expected)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.4])
+def test_log_space_ranking_equals_the_literal_double_sum_on_log_probabilities(margin):
+    gen = torch.Generator().manual_seed(8)
+    s = torch.randn(6, 12, dtype=torch.float64, generator=gen) * 2
+    p, q = torch.softmax(s, -1), torch.softmax(torch.randn(6, 12, dtype=torch.float64, generator=gen) * 2, -1)
+    got = hierarchical_ranking_loss(p, q, 4, "logprob", margin)
+    expected = [literal_ranking(p[i].tolist(), q[i].tolist(), 4, log_space=True, margin=margin) for i in range(6)]
+    assert got.tolist() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("tau,k,margin,chunk", [(1.0, 5, 0.0, None), (2.0, 3, 0.7, 5), (1.0, 1, 1.5, 1)])
+def test_log_space_tie_kd_and_cached_terms_equal_the_literal_loss_in_value_and_gradient(tau, k, margin, chunk):
+    gen = torch.Generator().manual_seed(k)
+    s = (torch.randn(2, 4, 23, dtype=torch.float64, generator=gen) * 3).requires_grad_()
+    t_ = torch.randn(2, 4, 23, dtype=torch.float64, generator=gen) * 3
+    q = torch.softmax(t_, -1)
+    want = torch.stack([literal_log_ranking(row, q_row.tolist(), k, margin)
+                        for row, q_row in zip(s.reshape(-1, 23), q.reshape(-1, 23))]).view(2, 4)
+    w = torch.rand(2, 4, dtype=torch.float64, generator=gen)
+    want_grad = torch.autograd.grad((w * want).sum(), s)[0]
+    ids, top, tail = _cached_top(torch.log_softmax(t_, -1), k + 2)
+    for name, (_, rank) in {
+        "tie_kd_terms": tie_kd_terms(s, t_, k, tau, max_rows=chunk, rank_space="logprob", rank_margin=margin),
+        "cached_kd_terms": cached_kd_terms(s, ids, top, tail, k, max_rows=chunk, rank_space="logprob",
+                                           rank_margin=margin),
+    }.items():
+        assert torch.allclose(rank, want, rtol=1e-12, atol=1e-12), name
+        assert torch.allclose(torch.autograd.grad((w * rank).sum(), s)[0], want_grad, rtol=1e-10, atol=1e-12), name
+    assert want.gt(0).all() if margin else want.gt(0).any()
+
+
+def test_a_flat_student_satisfies_the_papers_ranking_and_the_log_space_one_without_margin_only():
+    k, margin, vocab = 4, 0.5, 30
+    gen = torch.Generator().manual_seed(9)
+    t_ = torch.randn(3, vocab, dtype=torch.float64, generator=gen) * 3
+    flat = torch.zeros(3, vocab, dtype=torch.float64, requires_grad=True)
+    for space in ("prob", "logprob"):
+        _, rank = tie_kd_terms(flat, t_, k, rank_space=space, rank_margin=0.0)
+        assert rank.abs().max().item() == 0, space
+    _, rank = tie_kd_terms(flat, t_, k, rank_space="logprob", rank_margin=margin)
+    # Every hinge of a flat student is exactly the margin: the teacher's top-1 over its k - 1 runners-up (their
+    # mean), and each pair (a_i, b_j) whose teacher order is strict (over k^2), b the ids topk picks among ties.
+    q = torch.softmax(t_, -1)
+    b = flat.detach().topk(k, -1).indices
+    for row in range(3):
+        a = q[row].topk(k).indices.tolist()
+        pairs = sum(q[row, ai] > q[row, bj] for ai in a for bj in b[row].tolist())
+        assert rank[row].item() == pytest.approx(margin * (1 + int(pairs) / k**2), rel=1e-12)
+    # Its gradient raises the teacher's top-1 above the rest.
+    grad = torch.autograd.grad(rank.sum(), flat)[0]
+    assert (grad.gather(-1, q.argmax(-1, keepdim=True)) < 0).all()
+
+
+def test_log_space_terms_on_half_logits_follow_float64():
+    gen = torch.Generator().manual_seed(10)
+    s64 = torch.randn(4, 6, 500, dtype=torch.float64, generator=gen) * 4
+    t64 = torch.randn(4, 6, 500, dtype=torch.float64, generator=gen) * 4
+    want = tie_kd_terms(s64, t64, 5, rank_space="logprob", rank_margin=1.0)[1]
+    for dtype in (torch.float16, torch.bfloat16):
+        s = s64.to(dtype).requires_grad_()
+        _, rank = tie_kd_terms(s, t64.to(dtype), 5, rank_space="logprob", rank_margin=1.0)
+        assert rank.dtype == torch.float32 and torch.isfinite(rank).all()
+        # Half logits are rounded to about 3 significant digits: the hinges of logit gaps follow within that.
+        assert torch.allclose(rank.double(), want, rtol=0.02, atol=0.05)
+        rank.sum().backward()
+        assert s.grad.dtype == dtype and torch.isfinite(s.grad).all()
 
 
 def test_ranking_rejects_k_outside_the_vocabulary():

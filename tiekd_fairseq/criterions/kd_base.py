@@ -32,6 +32,7 @@ from tiekd import (
     FeatureLoss,
     agreement_counts,
     cached_kd_terms,
+    entropy_sum,
     max_rows_for_budget,
     next_predictions,
     prefix_and_target,
@@ -108,7 +109,7 @@ class KDPasses(NamedTuple):
     nll: Optional[torch.Tensor]  # its NLL part
     kd: torch.Tensor  # KL summed over KD positions, averaged over passes (detached)
     rank: torch.Tensor  # ranking loss, the same way
-    agreement: dict  # pass 1's agreement_counts
+    agreement: dict  # pass 1's agreement_counts and the student's entropy summed over its KD positions
     nonfinite: int  # positions of any pass, padding included, whose terms are not finite
 
 
@@ -120,7 +121,8 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
 
     Args (beyond fairseq's): alpha, temperature, path, chunk size, keep activations, memory budget (MiB) as in
     ``KDConfig``;
-    topk (k of the ranking loss or of a partial target), iterations (N), rank_weight (lambda).
+    topk (k of the ranking loss or of a partial target), iterations (N), rank_weight (lambda), rank_space and
+    rank_margin (the ranking loss's space and hinge margin).
     """
 
     name = "kd"
@@ -129,7 +131,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
 
     def __init__(self, task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy, *, alpha,
                  temperature, path, chunk_size, keep_activations, memory_budget, max_skipped_frac, skipped_window,
-                 topk, iterations, rank_weight):
+                 topk, iterations, rank_weight, rank_space="prob", rank_margin=0.0):
         super().__init__(task, sentence_avg, label_smoothing, ignore_prefix_size, report_accuracy)
         self.require_flag(hasattr(task, "teacher"), "needs --task translation_kd, which provides the teacher")
         self.require_flag(0 <= alpha <= 1, f"--kd-alpha must be in [0, 1], got {alpha}")
@@ -144,6 +146,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         self.topk = topk
         self.iterations = iterations
         self.rank_weight = rank_weight
+        self.rank_space, self.rank_margin = str(rank_space), rank_margin
         self.temperature = temperature
         self.path, self.chunk_size, self.keep_activations = str(path), chunk_size, keep_activations
         self.memory_budget = memory_budget * 2**20
@@ -272,7 +275,8 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         parallel and a source-only batch must agree on both: KD values are tensors on
         the loss's device, zeros where a kind of batch has none.
         """
-        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold", "kd_skipped"] + ["rank"] * bool(self.rank_weight)
+        keys = ["kd", "kd_tokens", "top1_agree", "teacher_gold", "entropy", "kd_skipped"]
+        keys += ["rank"] * bool(self.rank_weight)
         if self.task.mono_shards:
             keys += ["kd_mono", "mono_tokens", "mono_sentences"] + ["rank_mono"] * bool(self.rank_weight)
         device = values["loss"].device
@@ -324,7 +328,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             self._output_weight(model.decoder, "student"), ce_weight=(1 - self.alpha) if with_ce else 0.0,
             kd_weight=self.alpha / self.iterations, label_smoothing=self.eps, k=self.topk,
             temperature=self.temperature, rank_weight=self.rank_weight, pad=self.padding_idx,
-            max_rows=self.chunk_size,
+            max_rows=self.chunk_size, rank_space=self.rank_space, rank_margin=self.rank_margin,
         )
         teacher_weight = self._output_weight(teacher.model.decoder, "teacher")
         prev, stats = first_prev, []
@@ -341,7 +345,7 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         ce_part = (1 - self.alpha) * first.ce if with_ce else first.ce * 0
         value = ce_part if step.kd_dropped else ce_part + self.alpha * (kd + self.rank_weight * rank)
         agreement = {"kd_tokens": mask.sum(), "top1_agree": first.top1_agree.round().long(),
-                     "teacher_gold": first.teacher_gold.round().long()}
+                     "teacher_gold": first.teacher_gold.round().long(), "entropy": first.entropy}
         return KDPasses(step.loss(value), first.ce if with_ce else None, first.nll if with_ce else None, kd, rank,
                         agreement, sum(p.nonfinite for p in stats))
 
@@ -369,7 +373,8 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             if n == 0 and cached is not None:
                 # The CE's log-probs: the cached terms need them at a few tokens only, and share their backward.
                 kl, rank = cached_kd_terms(lprobs, *cached, self.topk, self.rank_weight > 0, normalized=True,
-                                           max_rows=max_rows_for_budget(lprobs.size(-1), self.memory_budget))
+                                           max_rows=max_rows_for_budget(lprobs.size(-1), self.memory_budget),
+                                           rank_space=self.rank_space, rank_margin=self.rank_margin)
                 first = (student_logits, cached[0][..., 0])
             else:
                 teacher_logits = teacher.decode(prev, teacher_encoder_out, src_lengths)
@@ -392,8 +397,10 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
         if not nonfinite:
             # Kept out otherwise: its backward would turn the NaNs into NaN gradients (0 * NaN).
             loss = loss + self.alpha * (kd + self.rank_weight * rank)
+        agreement = agreement_counts(*first, target, mask)
+        agreement["entropy"] = entropy_sum(first[0], mask, max_rows_for_budget(first[0].size(-1), self.memory_budget))
         return KDPasses(loss, None if ce is None else ce.detach(), None if nll is None else nll.detach(),
-                        kd.detach(), rank.detach(), agreement_counts(*first, target, mask), int(nonfinite))
+                        kd.detach(), rank.detach(), agreement, int(nonfinite))
 
     def max_rows(self, logits):
         """Positions per chunk of the KD terms under --kd-memory-budget (None: all at once); logs the first split."""
@@ -425,9 +432,11 @@ class KDCriterion(LabelSmoothedCrossEntropyCriterion):
             sample_size = utils.item(sum(log.get("sample_size", 0) for log in logging_outputs))
             if sample_size:  # 0 when every batch was skipped
                 metrics.log_scalar("loss", loss_sum / sample_size / math.log(2), sample_size, round=3)
-        # kd, rank: nats / probability gaps per target token; top1_agree, teacher_gold: % of tokens.
+        # kd, entropy: nats per target token; rank: its hinges' sum per target token; top1_agree, teacher_gold:
+        # % of tokens.
         for denominator, keys in (
-            ("kd_tokens", (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2))),
+            ("kd_tokens", (("kd", 1, 4), ("rank", 1, 4), ("top1_agree", 100, 2), ("teacher_gold", 100, 2),
+                           ("entropy", 1, 4))),
             ("mono_tokens", (("kd_mono", 1, 4), ("rank_mono", 1, 4))),
         ):
             tokens = utils.item(sum(log.get(denominator, 0) for log in logging_outputs))
