@@ -24,7 +24,7 @@ class PassStats(NamedTuple):
     rank: torch.Tensor
     top1_agree: torch.Tensor  # positions where the student's top-1 is the teacher's
     teacher_gold: torch.Tensor  # positions where the teacher's top-1 is the gold token
-    entropy: torch.Tensor  # the student's entropy (nats), at the positions with a teacher
+    entropy: torch.Tensor  # the student's entropy (nats) at the positions with a teacher, pass 1 only (else 0)
     nonfinite: int  # positions, padding included, whose KD terms are not finite
     predictions: torch.Tensor  # (B, T) the student's argmax (runner-up where it is pad)
 
@@ -72,7 +72,8 @@ class FeatureLoss:
             target: (B, T) gold ids (CE and the teacher-gold count); mask: (B, T) the positions that count.
             with_ce: whether this pass carries the CE (pass 1 of a parallel batch).
         """
-        if not self.features:
+        first = not self.features
+        if first:
             self._first = (features, target, mask, with_ce)
         f = features.detach().reshape(-1, features.size(-1))
         if teacher_features is not None:
@@ -86,7 +87,7 @@ class FeatureLoss:
             s = f[r].to(self.dtype) @ self.w.T
             t = None if teacher_features is None else (tf[r] @ tw.T).to(self.dtype)
             g, chunk_nonfinite, predictions[r] = self._chunk(s, t, target[r], mask[r].to(self.dtype), sums,
-                                                             with_ce, not (self.kd_dropped or nonfinite))
+                                                             with_ce, not (self.kd_dropped or nonfinite), first)
             nonfinite += chunk_nonfinite
             if g is not None:
                 grad[r] = g @ self.w
@@ -97,7 +98,7 @@ class FeatureLoss:
             self._drop_kd()
         return PassStats(*sums.unbind(), nonfinite=nonfinite, predictions=predictions.view(features.shape[:-1]))
 
-    def _chunk(self, s, t, target, m, sums, with_ce, kd_grad):
+    def _chunk(self, s, t, target, m, sums, with_ce, kd_grad, with_entropy=False):
         """One chunk's terms, added to ``sums``, and their weighted gradient for its logits, in few passes.
 
         Args:
@@ -105,7 +106,8 @@ class FeatureLoss:
             target, m: (c) gold ids and the positions that count (0/1 in the compute dtype).
             sums: (7) ce, nll, kl, rank, top1_agree, teacher_gold, entropy, added to.
             with_ce: whether the CE is part of this pass; kd_grad: whether the KD terms may add to the gradient
-                (not once the KD part is dropped, nor where they are not finite).
+                (not once the KD part is dropped, nor where they are not finite); with_entropy: whether to measure
+                the student's entropy (pass 1: it is what the log shows).
 
         Returns:
             (dL/ds (c, V) or None when nothing adds to it, non-finite KD positions, next-pass predictions (c)).
@@ -150,7 +152,7 @@ class FeatureLoss:
             teacher_top1 = a[:, 0]
             agrees = s.gather(-1, teacher_top1.unsqueeze(-1)).squeeze(-1) >= s_top[:, 0]
             # H(p) = logsumexp(s) - sum_v p_v s_v, while p is still the softmax.
-            entropy = lse_s.squeeze(-1) - torch.einsum("cv,cv->c", p, s)
+            entropy = lse_s.squeeze(-1) - torch.einsum("cv,cv->c", p, s) if with_entropy else torch.zeros_like(kl)
             sums[2:] += torch.stack([(kl * m.squeeze(-1)).sum(), (rank * m.squeeze(-1)).sum(),
                                      (agrees * m.squeeze(-1)).sum(), (teacher_top1.eq(target) * m.squeeze(-1)).sum(),
                                      (entropy * m.squeeze(-1)).sum()])
